@@ -1,0 +1,1 @@
+"""Data readers, de-identification, ingestion and preprocessing (no dagster, no mlflow)."""

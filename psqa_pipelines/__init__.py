@@ -1,0 +1,1 @@
+"""psqa_pipelines: the Dagster layer (assets, checks, sensors, resources) over the ``ml`` core."""

@@ -1,0 +1,58 @@
+"""Parquet IO manager on pyarrow (pandas DataFrames in, Parquet files out).
+
+Paths: ``<lake>/tables/<asset key path>.parquet`` for unpartitioned assets and
+``<lake>/tables/<asset key path>/<partition>.parquet`` for partitioned ones. Writes are atomic
+and deterministic (``ml.utils.io.write_parquet_atomic``). Each output records
+``dagster/row_count`` and ``dagster/column_schema`` (rendered as a schema table in the UI).
+Only tables go through here: volumes are files referenced by manifest tables.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from upath import UPath
+
+from ml.utils.io import write_parquet_atomic
+from psqa_pipelines.resources.storage import PsqaStorage
+
+
+def table_schema(df: pd.DataFrame) -> dg.TableSchema:
+    schema = pa.Schema.from_pandas(df, preserve_index=False)
+    return dg.TableSchema(columns=[dg.TableColumn(name=f.name, type=str(f.type)) for f in schema])
+
+
+class ParquetIO(dg.UPathIOManager):
+    extension = ".parquet"
+
+    def dump_to_path(self, context: dg.OutputContext, obj: pd.DataFrame, path: UPath) -> None:
+        if not isinstance(obj, pd.DataFrame):
+            raise TypeError(f"{context.asset_key.to_user_string()}: expected a DataFrame, got {type(obj).__name__}")
+        write_parquet_atomic(str(path), obj)
+
+    def load_from_path(self, context: dg.InputContext, path: UPath) -> pd.DataFrame:
+        if not path.exists():
+            raise FileNotFoundError(str(path))
+        return pq.read_table(str(path)).to_pandas()
+
+    def get_metadata(self, context: dg.OutputContext, obj: pd.DataFrame) -> dict:
+        if not isinstance(obj, pd.DataFrame):
+            return {}
+        return {
+            "dagster/row_count": dg.MetadataValue.int(len(obj)),
+            "dagster/column_schema": dg.MetadataValue.table_schema(table_schema(obj)),
+        }
+
+
+class LakeParquetIOManager(dg.ConfigurableIOManagerFactory):
+    """Parquet tables under the storage resource's ``lake/tables`` (or ``base_dir``)."""
+
+    storage: PsqaStorage
+    base_dir: str = ""
+
+    def create_io_manager(self, context) -> ParquetIO:
+        base = UPath(self.base_dir or str(self.storage.tables))
+        base.mkdir(parents=True, exist_ok=True)
+        return ParquetIO(base_path=base)
