@@ -246,3 +246,33 @@ def read_receipt(state_dir: str | os.PathLike, study_key: str) -> dict | None:
 
 def fileref_to_dict(ref: FileRef) -> dict:
     return asdict(ref)
+
+
+@dataclass
+class SourceScan:
+    """Scans of several landing folders (the inbox, the OpenKBP folder...)."""
+
+    scans: dict[str, InboxScan]  # source name -> scan
+    writable: dict[str, bool]
+
+    @property
+    def studies(self) -> dict[str, tuple[str, StudyGroup]]:
+        """study key -> (source name, group); the first source wins on a key collision."""
+        out: dict[str, tuple[str, StudyGroup]] = {}
+        for name, scan in self.scans.items():
+            for key, group in scan.studies.items():
+                out.setdefault(key, (name, group))
+        return out
+
+    def summary(self) -> dict:
+        return {name: scan_summary(scan) for name, scan in self.scans.items()}
+
+
+def scan_sources(sources: list[tuple[str, Path, bool]], pseudonymizer: Pseudonymizer,
+                 settle_seconds: float = 0.0) -> SourceScan:
+    scans, writable = {}, {}
+    for name, root, can_write in sources:
+        scans[name] = scan_landing_folder(root, pseudonymizer, settle_seconds=settle_seconds,
+                                          use_cache=can_write)
+        writable[name] = can_write
+    return SourceScan(scans, writable)

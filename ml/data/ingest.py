@@ -43,6 +43,7 @@ from ml.data.inbox import FileRef, StudyGroup, fingerprint
 from ml.data.quarantine import Quarantine, QuarantineRecord
 from ml.data.roi_names import canonical_roi_name
 from ml.utils.io import atomic_write_bytes, sha256_bytes, sha256_file
+from ml.utils.tables import typed_frame
 
 FILE_COLUMNS = {
     "study_key": "str", "patient_id": "str", "source": "str", "modality": "str",
@@ -63,18 +64,6 @@ SERIES_COLUMNS = {
     "referenced_object_key": "str", "roi_names": "str", "n_rois": "int64", "dose_units": "str",
     "dose_summation_type": "str", "dose_max": "float64", "n_beams": "int64", "status": "str",
 }
-
-
-def _typed_frame(rows: list[dict], columns: dict[str, str]) -> pd.DataFrame:
-    df = pd.DataFrame(rows, columns=list(columns))
-    for col, kind in columns.items():
-        if kind == "str":
-            df[col] = df[col].fillna("").astype("str")
-        elif kind == "int64":
-            df[col] = pd.to_numeric(df[col], errors="coerce").fillna(0).astype("int64")
-        else:
-            df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
-    return df
 
 
 @dataclass
@@ -336,8 +325,8 @@ def _ingest_dicom(ctx: _Ctx) -> StudyIngest:
 
     return StudyIngest(
         study_key=ctx.group.key, source="dicom", patient_id=patient_id,
-        files=_typed_frame(sorted(file_rows, key=lambda r: r["stored_path"]), FILE_COLUMNS),
-        series=_typed_frame(sorted(series_rows, key=lambda r: (r["modality"], r["object_key"])), SERIES_COLUMNS),
+        files=typed_frame(sorted(file_rows, key=lambda r: r["stored_path"]), FILE_COLUMNS),
+        series=typed_frame(sorted(series_rows, key=lambda r: (r["modality"], r["object_key"])), SERIES_COLUMNS),
         quarantined=ctx.records, files_seen=len(ctx.group.files),
         fingerprint_after=ctx.fingerprint_after(), stats=stats,
     )
@@ -449,7 +438,7 @@ def _ingest_nifti(ctx: _Ctx) -> StudyIngest:
     ctx.prune("nifti", keep)
     return StudyIngest(
         study_key=ctx.group.key, source="nifti", patient_id=patient_id,
-        files=_typed_frame(file_rows, FILE_COLUMNS), series=_typed_frame(series_rows, SERIES_COLUMNS),
+        files=typed_frame(file_rows, FILE_COLUMNS), series=typed_frame(series_rows, SERIES_COLUMNS),
         quarantined=ctx.records, files_seen=len(ctx.group.files), fingerprint_after=ctx.fingerprint_after(),
     )
 
@@ -524,7 +513,7 @@ def _ingest_openkbp(ctx: _Ctx, require_dose: bool) -> StudyIngest:
         ctx.prune("openkbp", set())
         return StudyIngest(
             study_key=ctx.group.key, source="openkbp", patient_id=patient_id,
-            files=_typed_frame([], FILE_COLUMNS), series=_typed_frame([], SERIES_COLUMNS),
+            files=typed_frame([], FILE_COLUMNS), series=typed_frame([], SERIES_COLUMNS),
             quarantined=ctx.records, files_seen=len(ctx.group.files), fingerprint_after=ctx.fingerprint_after(),
         )
     dest = ctx.study_dir / "openkbp" / "patient.npz"
@@ -560,7 +549,7 @@ def _ingest_openkbp(ctx: _Ctx, require_dose: bool) -> StudyIngest:
     }]
     return StudyIngest(
         study_key=ctx.group.key, source="openkbp", patient_id=patient_id,
-        files=_typed_frame(sorted(file_rows, key=lambda r: r["object_key"]), FILE_COLUMNS),
-        series=_typed_frame(series_rows, SERIES_COLUMNS),
+        files=typed_frame(sorted(file_rows, key=lambda r: r["object_key"]), FILE_COLUMNS),
+        series=typed_frame(series_rows, SERIES_COLUMNS),
         quarantined=ctx.records, files_seen=len(ctx.group.files), fingerprint_after=ctx.fingerprint_after(),
     )

@@ -30,6 +30,7 @@ import pandas as pd
 
 from ml.data.volume import Volume, resample_spacing, resample_to, to_canonical, write_nifti
 from ml.utils.io import sha256_file
+from ml.utils.tables import typed_frame
 
 MANIFEST_COLUMNS = {
     "study_key": "str", "source": "str", "volume_key": "str", "kind": "str", "name": "str",
@@ -106,15 +107,11 @@ class _Writer:
                 p.rmdir()
 
     def frame(self) -> pd.DataFrame:
-        df = pd.DataFrame(sorted(self.rows, key=lambda r: r["volume_key"]), columns=list(MANIFEST_COLUMNS))
-        for col, kind in MANIFEST_COLUMNS.items():
-            if kind == "str":
-                df[col] = df[col].fillna("").astype("str")
-            elif kind == "int64":
-                df[col] = df[col].astype("int64")
-            else:
-                df[col] = df[col].astype("float64")
-        return df
+        return typed_frame(sorted(self.rows, key=lambda r: r["volume_key"]), MANIFEST_COLUMNS)
+
+
+def empty_manifest() -> pd.DataFrame:
+    return typed_frame([], MANIFEST_COLUMNS)
 
 
 def preprocess_study(study_key: str, source: str, files: pd.DataFrame, series: pd.DataFrame,

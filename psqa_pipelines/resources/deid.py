@@ -1,6 +1,5 @@
 """De-identification settings: the pseudonymisation secret."""
 
-from __future__ import annotations
 
 import dagster as dg
 from pydantic import Field

@@ -7,7 +7,6 @@ and deterministic (``ml.utils.io.write_parquet_atomic``). Each output records
 Only tables go through here: volumes are files referenced by manifest tables.
 """
 
-from __future__ import annotations
 
 import dagster as dg
 import pandas as pd

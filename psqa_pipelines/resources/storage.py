@@ -1,6 +1,5 @@
 """The storage resource: every path the pipeline reads or writes, derived from PSQA_HOME."""
 
-from __future__ import annotations
 
 from pathlib import Path
 

@@ -1,0 +1,77 @@
+"""The inbox sensor: landing folders -> study partitions and ingestion runs.
+
+Each tick scans the inbox and the OpenKBP folder (header reads are cached), groups files into
+studies and, for every study whose file fingerprint (paths, sizes, mtimes) is new or changed:
+
+* adds the study's pseudonymous key as a dynamic partition (``SensorResult`` request),
+* requests one ``ingest_study_job`` run with ``run_key = "<study>:<fingerprint>"``: a re-tick
+  never launches a second run for the same content, a changed study gets a new run.
+
+Unattributable files get one ``inbox_triage_job`` run per distinct set. The cursor is JSON
+``{"studies": {key: fingerprint}, "triage": fingerprint}``; an ingestion that quarantined files
+(and so changed the study's fingerprint itself) leaves a receipt that the sensor honours, so
+our own moves do not trigger a second run. Only counts are logged.
+"""
+
+
+import json
+
+import dagster as dg
+
+from ml.data.inbox import fingerprint, read_receipt, scan_sources
+from psqa_pipelines.ingest.jobs import inbox_triage_job, ingest_study_job
+from psqa_pipelines.partitions import studies_partitions
+from psqa_pipelines.resources import DeidentificationResource, PsqaStorage
+
+
+def _load_cursor(raw: str | None) -> dict:
+    try:
+        data = json.loads(raw) if raw else {}
+    except ValueError:
+        data = {}
+    return {"studies": dict(data.get("studies", {})), "triage": str(data.get("triage", ""))}
+
+
+@dg.sensor(
+    name="inbox_sensor",
+    jobs=[ingest_study_job, inbox_triage_job],
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Watches $PSQA_HOME/inbox and the OpenKBP folder; one partition and one run per new or changed study.",
+)
+def inbox_sensor(context: dg.SensorEvaluationContext, storage: PsqaStorage, deid: DeidentificationResource):
+    storage.ensure_dirs()
+    cursor = _load_cursor(context.cursor)
+    scan = scan_sources(storage.sources(), deid.pseudonymizer(), settle_seconds=storage.inbox_settle_seconds)
+    existing = set(context.instance.get_dynamic_partitions(studies_partitions.name))
+    new_keys: list[str] = []
+    requests: list[dg.RunRequest] = []
+    for key, (_, group) in sorted(scan.studies.items()):
+        fp = group.fingerprint
+        if cursor["studies"].get(key) == fp:
+            continue
+        receipt = read_receipt(storage.state, key)
+        cursor["studies"][key] = fp
+        if receipt and receipt.get("fingerprint_after") == fp and key in existing:
+            continue  # only our own quarantine moves changed it
+        if key not in existing:
+            new_keys.append(key)
+        requests.append(dg.RunRequest(
+            job_name=ingest_study_job.name, partition_key=key, run_key=f"{key}:{fp}",
+            tags={"psqa/source": group.source},
+        ))
+    unattributed = [ref for s in scan.scans.values() for ref in s.unattributed]
+    if unattributed:
+        fp = fingerprint(unattributed)
+        if fp != cursor["triage"]:
+            requests.append(dg.RunRequest(job_name=inbox_triage_job.name, run_key=f"triage:{fp}"))
+            cursor["triage"] = fp
+    summary = scan.summary()
+    context.log.info(f"scan: {json.dumps(summary, sort_keys=True)}; new partitions: {len(new_keys)}; "
+                     f"runs requested: {len(requests)}")
+    return dg.SensorResult(
+        run_requests=requests,
+        dynamic_partitions_requests=[studies_partitions.build_add_request(new_keys)] if new_keys else [],
+        cursor=json.dumps(cursor, sort_keys=True),
+        skip_reason=None if requests else "no new or changed studies",
+    )
