@@ -17,7 +17,7 @@ STUDY_KEY = re.compile(r"^(dcm|nii|kbp)-[0-9a-f]{16}$")
 PATIENT_ID = re.compile(r"^pt-[0-9a-f]{16}$")
 REMAPPED_UID = re.compile(r"^2\.25\.\d{1,39}$")
 STANDARD_UID = re.compile(r"^1\.2\.840\.10008\.[0-9.]+$")
-X
+DATE_LIKE = re.compile(r"(?<![0-9A-Za-z.])(?:19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])(?![0-9A-Za-z])")
 
 UID_COLUMNS = ("sop_instance_uid", "series_instance_uid", "frame_of_reference_uid", "study_instance_uid")
 
