@@ -9,9 +9,9 @@ import os
 
 import dagster as dg
 
-from psqa_pipelines.ingest.definitions import defs as ingest_defs
-from psqa_pipelines.lake.definitions import defs as lake_defs
-from psqa_pipelines.preprocess.definitions import defs as preprocess_defs
+from psqa_pipelines.ingest import definitions as ingest
+from psqa_pipelines.lake import definitions as lake
+from psqa_pipelines.preprocess import definitions as preprocess
 from psqa_pipelines.resources import (
     ComputeResource,
     DeidentificationResource,
@@ -44,9 +44,9 @@ automation = dg.AutomationConditionSensorDefinition(
 
 def build_defs(resources: dict | None = None) -> dg.Definitions:
     return dg.Definitions.merge(
-        ingest_defs,
-        preprocess_defs,
-        lake_defs,
+        ingest.defs,
+        preprocess.defs,
+        lake.defs,
         dg.Definitions(sensors=[automation], resources=resources or build_resources()),
     )
 

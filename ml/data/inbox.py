@@ -87,7 +87,7 @@ def fingerprint(files: list[FileRef]) -> str:
 
 
 def _walk(root: Path):
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith("."):

@@ -79,9 +79,11 @@ def _register_rigid(fixed: Volume, moving: Volume, seed: int = 1234):
 
     f = sitk.Cast(fixed.to_sitk(), sitk.sitkFloat32)
     m = sitk.Cast(moving.to_sitk(), sitk.sitkFloat32)
-    init = sitk.CenteredTransformInitializer(
-        f, m, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.GEOMETRY
-    )
+    # start from the scanner-header alignment (identity in world space), rotating about the
+    # centre of the fixed image
+    init = sitk.Euler3DTransform()
+    size = np.asarray(f.GetSize(), dtype=float)
+    init.SetCenter(f.TransformContinuousIndexToPhysicalPoint(tuple((size - 1) / 2.0)))
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
@@ -131,14 +133,10 @@ def coregister(volumes: dict[str, Volume], rigid: bool = True) -> tuple[dict[str
             report[name] = {"role": "moving", "registered": False, "reason": "same grid"}
             continue
         if rigid and not nearest:
-            import SimpleITK as sitk
-
             transform, metric = _register_rigid(reference, vol)
             out[name] = _apply(vol, reference, transform, nearest=False)
-            params = list(sitk.CompositeTransform(transform).GetNthTransform(0).GetParameters()) \
-                if hasattr(transform, "GetNumberOfTransforms") else list(transform.GetParameters())
             report[name] = {"role": "moving", "registered": True, "metric": metric,
-                            "parameters": [float(p) for p in params]}
+                            "parameters": [float(p) for p in transform.GetParameters()]}
         else:
             out[name] = resample_to(vol, reference, interpolation="nearest" if nearest else "linear")
             report[name] = {"role": "moving", "registered": False, "reason": "world-coordinate resampling"}

@@ -60,7 +60,7 @@ def read_sparse(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]
     except Exception as exc:  # noqa: BLE001 - corrupt compression, bad CSV...
         raise OpenKBPError("unreadable", f"{Path(path).name}: {type(exc).__name__}") from None
     idx = df.index.to_numpy()
-    if idx.dtype.kind not in "iu":
+    if idx.size and idx.dtype.kind not in "iu":  # a header-only file has an untyped empty index
         raise OpenKBPError("invalid_content", f"{Path(path).name}: non-integer voxel indices")
     idx = idx.astype(np.int64)
     if idx.size and (idx.min() < 0 or idx.max() >= N_VOXELS):
@@ -87,7 +87,10 @@ def read_voxel_dimensions(path: str | os.PathLike) -> tuple[float, float, float]
         vals = pd.read_csv(path, header=None, sep=r"[\s,]+", engine="python").to_numpy().ravel()
     except Exception as exc:  # noqa: BLE001
         raise OpenKBPError("unreadable", f"voxel_dimensions: {type(exc).__name__}") from None
-    vals = np.asarray([float(v) for v in vals if str(v) != "nan"])
+    try:
+        vals = np.asarray([float(v) for v in vals if str(v) != "nan"])
+    except (TypeError, ValueError):
+        raise OpenKBPError("invalid_content", "voxel_dimensions needs three positive numbers") from None
     if vals.size != 3 or np.any(~np.isfinite(vals)) or np.any(vals <= 0):
         raise OpenKBPError("invalid_content", "voxel_dimensions needs three positive numbers")
     return float(vals[0]), float(vals[1]), float(vals[2])

@@ -28,7 +28,8 @@ def table_phi_violations(df: pd.DataFrame) -> list[str]:
     if df is None or len(df) == 0:
         return problems
     if "study_key" in df:
-        bad = ~df["study_key"].astype(str).str.match(STUDY_KEY)
+        vals = df["study_key"].astype(str)
+        bad = (vals != "") & ~vals.str.match(STUDY_KEY)
         if bad.any():
             problems.append(f"study_key: {int(bad.sum())} values are not pseudonymous keys")
     if "patient_id" in df:

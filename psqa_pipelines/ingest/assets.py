@@ -8,6 +8,7 @@ these assets pick the study, call it and publish tables, counts and checks.
 import dagster as dg
 import pandas as pd
 
+from ml.data.dicom.headers import REASONS
 from ml.data.inbox import scan_sources, write_receipt
 from ml.data.phi import dicom_phi_violations, table_phi_violations
 from ml.data.quarantine import Quarantine, records_frame, write_log
@@ -49,8 +50,9 @@ def inbox_triage(context: dg.AssetExecutionContext, storage: PsqaStorage,
     records = []
     for name, source_scan in scan.scans.items():
         for ref in source_scan.unattributed:
+            reason = ref.detail if ref.detail in REASONS else "unattributable"
             records.append(quarantine.put(
-                source_scan.root / ref.relpath, reason="unattributable", detail=ref.detail,
+                source_scan.root / ref.relpath, reason=reason, detail="belongs to no study",
                 source="unknown", move=scan.writable[name], relpath=ref.relpath,
             ))
     write_log(storage.quarantine_log, "triage", context.run.run_id, records)
@@ -59,7 +61,7 @@ def inbox_triage(context: dg.AssetExecutionContext, storage: PsqaStorage,
         "files_seen": len(records),
         "files_quarantined": len(records),
         "files_ingested": 0,
-        "reasons": counts_table(df["detail"] if len(df) else pd.Series(dtype=str), "parser verdict"),
+        "reasons": counts_table(df["reason"], "reason"),
     })
     return df
 

@@ -38,7 +38,7 @@ def _concat(parts: dict[str, pd.DataFrame] | None, columns: dict[str, str]) -> p
 
 
 def _all_partitions(name: str) -> dg.AssetIn:
-    return dg.AssetIn(key=name, metadata={"allow_missing_partitions": True})
+    return dg.AssetIn(key=name, metadata={"allow_missing_partitions": True, "fan_in": True})
 
 
 common = dict(group_name=LAKE, owners=[OWNER_DATA], automation_condition=LAKE_AUTOMATION, code_version="1")

@@ -36,6 +36,16 @@ class ParquetIO(dg.UPathIOManager):
             raise FileNotFoundError(str(path))
         return pq.read_table(str(path)).to_pandas()
 
+    def load_partitions(self, context: dg.InputContext):
+        """Fan-in inputs (metadata ``fan_in=True``) always get ``{partition: DataFrame}``, also
+        when only one partition exists (the base class would return the bare DataFrame)."""
+        loaded = super().load_partitions(context)
+        meta = context.definition_metadata or {}
+        if meta.get("fan_in") and not isinstance(loaded, dict):
+            keys = context.asset_partition_keys
+            return {} if loaded is None else {keys[0]: loaded}
+        return loaded
+
     def get_metadata(self, context: dg.OutputContext, obj: pd.DataFrame) -> dict:
         if not isinstance(obj, pd.DataFrame):
             return {}

@@ -36,7 +36,8 @@ def read_dose(ds, path: Path | None = None) -> Volume:
         if offsets[0] != 0:
             if not np.allclose(np.abs(normal), [0, 0, 1], atol=1e-4):
                 raise IngestError("invalid_content", "absolute frame offsets on a non-axial dose grid")
-            offsets = offsets - ipp[2] * normal[2]
+            # absolute z -> offset along the normal (normal[2] is +1 or -1 here)
+            offsets = (offsets - ipp[2]) * normal[2]
         gaps = np.diff(offsets)
         if np.any(gaps == 0):
             raise IngestError("invalid_content", "repeated dose frame offsets")

@@ -90,9 +90,8 @@ def rasterize_roi(roi: RoiContours, reference: Volume) -> np.ndarray:
     by_slice: dict[int, list[np.ndarray]] = {}
     for pts in roi.contours:
         ijk = reference.world_to_index(pts)
-        k = float(np.median(ijk[:, 2]))
-        kr = int(round(k))
-        if abs(k - kr) > 0.5 or kr < 0 or kr >= nz:
+        kr = int(round(float(np.median(ijk[:, 2]))))  # nearest slice
+        if kr < 0 or kr >= nz:  # more than half a slice outside the stack
             continue
         by_slice.setdefault(kr, []).append(ijk[:, :2])
     for k, polys in by_slice.items():

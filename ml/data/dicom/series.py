@@ -118,8 +118,9 @@ def _read_slice(path: str) -> tuple[np.ndarray, float, float, tuple[float, ...],
         arr = np.frombuffer(ds.PixelData, dtype=dtype, count=rows * cols).reshape(rows, cols)
         bits_stored = int(ds.get("BitsStored", bits))
         if signed and bits_stored < bits:
-            # sign-extend values stored in fewer bits than allocated
-            shift = bits - bits_stored
+            # sign-extend values stored in fewer bits than allocated (the shift is relative to
+            # the int32 working type, whose sign bit is bit 31)
+            shift = 32 - bits_stored
             arr = (arr.astype(np.int32) << shift) >> shift
     else:
         arr = decode_pixels(ds, Path(path))
@@ -137,8 +138,10 @@ def _read_chunk(paths: list[str]):
 def load_series_volume(paths: list[str | os.PathLike], workers: int | None = None) -> Volume:
     """Read the slices of one series (any order) into a float32 Volume (HU for CT).
 
-    The slices are re-validated with ``validate_series`` on the fly (ordering by position).
-    ``workers`` > 1 decodes chunks in parallel processes (worth it above ~64 slices).
+    Slices are ordered by position along the normal; the slice spacing is the median gap.
+    This assumes a series that passed ``validate_series`` (ingestion guarantees it for the
+    stored copies). ``workers`` > 1 decodes chunks in parallel processes (worth it above
+    ~64 slices).
     """
     paths = [str(p) for p in paths]
     if not paths:

@@ -1,0 +1,47 @@
+# psqa_pipelines — one-command workflows. Everything runs from a local virtualenv (.venv).
+#   make demo   fresh machine -> venv, sample data, whole asset graph materialised, where to look
+#   make test   fresh machine -> venv, whole test suite
+#   make dev    Dagster UI (127.0.0.1:3000) + MLflow UI (127.0.0.1:5000)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PSQA_HOME ?= $(CURDIR)/.psqa
+export DAGSTER_HOME ?= $(PSQA_HOME)/dagster
+PYTEST_ARGS ?=
+# xdist workers: the CI machine has 2 cores
+PYTEST_WORKERS ?= 2
+
+.PHONY: install demo test dev bench constraints clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and bounded: the CPU wheel (an unbounded torch pulls a multi-GB CUDA build)
+	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip check
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m psqa_pipelines.cli demo
+
+test: install
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15 $(PYTEST_ARGS) psqa_pipelines_tests
+
+dev: install
+	$(PY) -m psqa_pipelines.cli dev
+
+bench: install
+	$(PY) benchmarks/ingest.py
+
+constraints:
+	rm -rf /tmp/psqa-constraints-venv && $(PYTHON) -m venv /tmp/psqa-constraints-venv
+	/tmp/psqa-constraints-venv/bin/pip install -q "torch==2.13.0" && /tmp/psqa-constraints-venv/bin/pip install -q -e ".[dev]"
+	(echo "# Exact pins (pip freeze of a fresh venv); install with -c constraints.txt"; \
+	 /tmp/psqa-constraints-venv/bin/pip freeze --exclude-editable | sed 's/+cpu//') > constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache

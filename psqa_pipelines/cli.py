@@ -1,0 +1,133 @@
+"""``psqa``: set up PSQA_HOME, run the demo, serve the UIs.
+
+    psqa init            create the PSQA_HOME layout, the Dagster instance config, the MLflow store
+    psqa demo            sample data -> inbox -> whole asset graph, in-process; prints where to look
+    psqa dev             Dagster UI (dagster dev) + MLflow UI on loopback
+"""
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from psqa_pipelines.settings import PACKAGE_DIR, REPO_DIR, default_home
+
+
+def _env(home: Path) -> None:
+    os.environ["PSQA_HOME"] = str(home)
+    os.environ.setdefault("DAGSTER_HOME", str(home / "dagster"))
+
+
+def init(home: Path) -> None:
+    from psqa_pipelines.resources import MlflowResource, PsqaStorage
+
+    _env(home)
+    storage = PsqaStorage(home=str(home))
+    storage.ensure_dirs()
+    dagster_home = Path(os.environ["DAGSTER_HOME"])
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    cfg = dagster_home / "dagster.yaml"
+    if not cfg.exists():
+        shutil.copyfile(PACKAGE_DIR / "instance" / "dagster.yaml", cfg)
+    MlflowResource().ensure_store()
+
+
+def demo(home: Path, studies: int, with_shared: bool) -> int:
+    import dagster as dg
+
+    from ml.data.sample_data import generate_hn_cohort
+    from psqa_pipelines.definitions import build_defs, build_resources
+    from psqa_pipelines.resources import PsqaStorage
+    from psqa_pipelines.runner import run_inbox_cycle
+
+    t0 = time.perf_counter()
+    init(home)
+    storage = PsqaStorage(home=str(home), openkbp_dir="", inbox_settle_seconds=0)
+    sample_dir = storage.inbox / "sample_hn"
+    if not sample_dir.exists():
+        print(f"generating {studies} head-and-neck DICOM studies (CT + RTSTRUCT + RTDOSE, planted PHI) ...")
+        generate_hn_cohort(sample_dir, studies, seed=0)
+    shared = REPO_DIR.parent / "shared" / "datasets"
+    if with_shared and shared.is_dir():
+        for src, dst in (
+            (shared / "brain-mri-samples" / "brats2023-layout" / "BraTS-GLI-00001-000", "brats/BraTS-GLI-00001-000"),
+            (shared / "openkbp" / "train-pats" / "pt_1", "openkbp/pt_1"),
+            (shared / "openkbp" / "train-pats" / "pt_10", "openkbp/pt_10"),
+        ):
+            if src.is_dir() and not (storage.inbox / dst).exists():
+                shutil.copytree(src, storage.inbox / dst)
+    defs = build_defs(build_resources(storage))
+    with dg.DagsterInstance.get() as instance:
+        report = run_inbox_cycle(defs, instance)
+    elapsed = time.perf_counter() - t0
+    print()
+    print(f"demo finished in {elapsed:.0f} s: {len(report.studies)} studies ingested, {len(report.failed)} failed; "
+          f"files seen {report.files_seen} = ingested {report.files_ingested} + quarantined {report.files_quarantined}")
+    print(f"  PSQA_HOME      {home}")
+    print(f"  Parquet tables {storage.tables}")
+    print(f"  volumes        {storage.lake / 'volumes'}")
+    print(f"  quarantine     {storage.quarantine}")
+    print(f"  MLflow store   {home / 'mlflow' / 'mlflow.db'}")
+    print("next: `make dev`, then open the Dagster UI at http://127.0.0.1:3000 (asset groups ingest -> "
+          "preprocess -> lake_tables) and MLflow at http://127.0.0.1:5000")
+    return 0 if not report.failed else 1
+
+
+def dev(home: Path, dagster_port: int, mlflow_port: int) -> int:
+    init(home)
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    mlflow_cmd = [
+        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
+        "--default-artifact-root", (home / "mlflow" / "artifacts").as_uri(), "--host", "127.0.0.1",
+        "--port", str(mlflow_port), "--workers", "1",
+    ]
+    dagster_cmd = [sys.executable, "-m", "dagster", "dev", "-w", str(REPO_DIR / "workspace.yaml"),
+                   "-h", "127.0.0.1", "-p", str(dagster_port)]
+    procs = [subprocess.Popen(mlflow_cmd, env=env, start_new_session=True),
+             subprocess.Popen(dagster_cmd, env=env, cwd=REPO_DIR, start_new_session=True)]
+    print(f"Dagster UI: http://127.0.0.1:{dagster_port}   MLflow UI: http://127.0.0.1:{mlflow_port}   (Ctrl-C stops both)")
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="psqa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--home", type=Path, default=None, help="PSQA_HOME (default: $PSQA_HOME or <checkout>/.psqa)")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("init")
+    d = sub.add_parser("demo")
+    d.add_argument("--studies", type=int, default=3)
+    d.add_argument("--no-shared", action="store_true", help="do not copy ../shared samples (BraTS, 2 OpenKBP patients)")
+    v = sub.add_parser("dev")
+    v.add_argument("--dagster-port", type=int, default=3000)
+    v.add_argument("--mlflow-port", type=int, default=5000)
+    args = parser.parse_args(argv)
+    home = (args.home or default_home()).resolve()
+    if args.cmd == "init":
+        init(home)
+        print(f"initialised {home}")
+        return 0
+    if args.cmd == "demo":
+        return demo(home, args.studies, not args.no_shared)
+    return dev(home, args.dagster_port, args.mlflow_port)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

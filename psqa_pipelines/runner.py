@@ -1,0 +1,57 @@
+"""Drive the pipeline in-process, exactly as the daemon would (used by the demo and tests).
+
+``run_inbox_cycle`` evaluates ``inbox_sensor`` once, adds the partitions it asks for and
+executes the runs it requests in this process (``execute_in_process`` against the given
+instance), tagged like sensor-launched runs (``dagster/sensor_name``, ``dagster/run_key``) so a
+daemon started later recognises them and does not launch them again. Then it rebuilds the
+lake-wide tables (what the automation sensor would do).
+"""
+
+from dataclasses import dataclass, field
+
+import dagster as dg
+
+from psqa_pipelines.ingest.sensors import inbox_sensor
+
+
+@dataclass
+class CycleReport:
+    cursor: str | None
+    studies: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    triage_runs: int = 0
+    files_seen: int = 0
+    files_ingested: int = 0
+    files_quarantined: int = 0
+    results: list = field(default_factory=list)
+
+
+def run_inbox_cycle(defs: dg.Definitions, instance: dg.DagsterInstance, cursor: str | None = None,
+                    rebuild_tables: bool = True, raise_on_error: bool = False) -> CycleReport:
+    resources = defs.resources
+    ctx = dg.build_sensor_context(instance=instance, cursor=cursor,
+                                  resources={"storage": resources["storage"], "deid": resources["deid"]})
+    result = inbox_sensor(ctx)
+    report = CycleReport(cursor=result.cursor)
+    for req in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+    for req in result.run_requests or []:
+        job = defs.resolve_job_def(req.job_name)
+        tags = {**req.tags, "dagster/sensor_name": "inbox_sensor", "dagster/run_key": req.run_key}
+        run = job.execute_in_process(instance=instance, partition_key=req.partition_key, tags=tags,
+                                     raise_on_error=raise_on_error)
+        report.results.append(run)
+        if req.partition_key:
+            (report.studies if run.success else report.failed).append(req.partition_key)
+        else:
+            report.triage_runs += 1
+        for mat in run.get_asset_materialization_events():
+            md = mat.materialization.metadata
+            if mat.asset_key.to_user_string() in ("study_files", "inbox_triage"):
+                report.files_seen += int(md["files_seen"].value)
+                report.files_ingested += int(md["files_ingested"].value)
+                report.files_quarantined += int(md["files_quarantined"].value)
+    if rebuild_tables:
+        report.results.append(defs.resolve_job_def("lake_tables_job").execute_in_process(
+            instance=instance, raise_on_error=raise_on_error))
+    return report

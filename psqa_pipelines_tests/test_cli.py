@@ -1,0 +1,45 @@
+"""Command lines a user runs: python -m ml, psqa init, dagster/dg validation of the location."""
+
+import json
+import os
+import subprocess
+import sys
+
+import dagster as dg
+import pydicom
+
+from psqa_pipelines_tests.conftest import REPO
+
+
+def _run(args, env=None, timeout=300):
+    out = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, **(env or {})})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return out.stdout
+
+
+def test_ml_sample_data_cli(tmp_path):
+    out = _run([sys.executable, "-m", "ml", "sample-data", "--out", str(tmp_path), "--studies", "1",
+                "--matrix", "48", "--pixel-spacing", "8", "--slices", "24", "--slice-thickness", "8"])
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["studies"] == 1 and summary["files"] == 26
+    files = sorted(tmp_path.rglob("*.dcm"))
+    assert len(files) == 26
+    assert {pydicom.dcmread(f, stop_before_pixels=True).Modality for f in files} == {"CT", "RTSTRUCT", "RTDOSE"}
+
+
+def test_psqa_init_creates_layout_and_a_valid_instance(tmp_path):
+    home = tmp_path / "home"
+    _run([sys.executable, "-m", "psqa_pipelines.cli", "--home", str(home), "init"],
+         env={"DAGSTER_HOME": str(home / "dagster")})
+    for sub in ("lake/tables", "inbox", "quarantine", "mlflow/mlflow.db", "dagster/dagster.yaml"):
+        assert (home / sub).exists(), sub
+    with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
+        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+
+
+def test_dagster_and_dg_validate_the_code_location(tmp_path):
+    env = {"PSQA_HOME": str(tmp_path), "DAGSTER_HOME": str(tmp_path), "PSQA_OPENKBP_DIR": ""}
+    _run([sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"], env=env)
+    dg_bin = os.path.join(os.path.dirname(sys.executable), "dg")
+    _run([dg_bin, "check", "defs"], env=env)

@@ -1,0 +1,110 @@
+"""Study ingestion and preprocessing through Dagster (in-process, temporary instance)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+
+from ml.data.volume import read_nifti
+from psqa_pipelines.runner import run_inbox_cycle
+from psqa_pipelines_tests.conftest import copy_into
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_study_ingest_and_preprocess(storage, make_defs, instance, sample_cohort):
+    root, truths = sample_cohort
+    copy_into(root, storage.inbox)
+    defs = make_defs(storage)
+    report = run_inbox_cycle(defs, instance)
+    assert len(report.studies) == 2 and not report.failed
+    assert report.files_seen == report.files_ingested == 2 * 34 and report.files_quarantined == 0
+
+    # every asset check of every run passed
+    for res in report.results:
+        for ev in res.get_asset_check_evaluations():
+            assert ev.passed, (ev.asset_key, ev.check_name, ev.metadata)
+
+    files = pd.read_parquet(storage.tables / "file_index.parquet")
+    assert len(files) == 68
+    assert set(files["modality"]) == {"CT", "RTSTRUCT", "RTDOSE"}
+    assert files["sha256"].str.fullmatch(r"[0-9a-f]{64}").all()
+    assert files["source_sha256"].str.fullmatch(r"[0-9a-f]{64}").all()
+    # per-study partition tables exist where the IO manager puts them
+    for key in report.studies:
+        assert (storage.tables / "study_files" / f"{key}.parquet").exists()
+        assert (storage.tables / "study_volumes" / f"{key}.parquet").exists()
+
+    manifest = pd.read_parquet(storage.tables / "volume_manifest.parquet")
+    study_index = pd.read_parquet(storage.tables / "study_index.parquet")
+    assert study_index["has_ct"].all() and study_index["has_dose"].all() and study_index["has_structures"].all()
+    for truth in truths:
+        from ml.data.dicom.deid import Pseudonymizer
+
+        key = Pseudonymizer().study("dcm", truth.study_instance_uid)
+        m = manifest[manifest["study_key"] == key]
+        ct = read_nifti(storage.lake / m[m["kind"] == "ct"]["path"].iloc[0])
+        assert np.array_equal(ct.array, truth.hu)
+        assert np.allclose(ct.origin, truth.ct_origin) and np.allclose(ct.spacing, truth.ct_spacing)
+        masks = m[m["kind"] == "mask"]
+        assert set(masks["name"]) == {"Body", "PTV70", "PTV56", "Brainstem", "SpinalCord", "LeftParotid",
+                                      "RightParotid", "Mandible"}
+        assert masks["grid_id"].nunique() == 1 and masks["grid_id"].iloc[0] == m[m["kind"] == "ct"]["grid_id"].iloc[0]
+        ptv = read_nifti(storage.lake / masks[masks["name"] == "PTV70"]["path"].iloc[0]).array.astype(bool)
+        assert np.array_equal(ptv, truth.masks["PTV70"])
+        dose = read_nifti(storage.lake / m[m["kind"] == "dose"]["path"].iloc[0]).array
+        assert dose.shape == truth.hu.shape
+        # dose resampled to the CT grid: the PTV70 median is close to the prescription
+        assert 66 < float(np.median(dose[ptv])) < 76
+        assert abs(float(dose.max()) - float(truth.dose_gy.max())) < 1.0
+
+
+def test_stored_dicom_copies_are_deidentified_and_linked(storage, make_defs, instance, sample_cohort):
+    root, truths = sample_cohort
+    copy_into(root, storage.inbox)
+    run_inbox_cycle(make_defs(storage), instance)
+    files = pd.read_parquet(storage.tables / "file_index.parquet")
+    ct_uids = set(files.loc[files["modality"] == "CT", "sop_instance_uid"])
+    for rel in files.loc[files["modality"] == "RTSTRUCT", "stored_path"]:
+        ds = pydicom.dcmread(storage.lake / rel)
+        refs = {c.ReferencedSOPInstanceUID for roi in ds.ROIContourSequence for cs in roi.ContourSequence
+                for c in cs.ContourImageSequence}
+        assert refs and refs <= ct_uids
+        assert str(ds.PatientIdentityRemoved) == "YES"
+    originals = {t.study_instance_uid for t in truths} | {t.ct_series_uid for t in truths}
+    assert not originals & set(files["series_instance_uid"])
+
+
+def test_rematerialising_unchanged_inputs_gives_identical_outputs(storage, make_defs, instance, sample_cohort):
+    root, _ = sample_cohort
+    copy_into(root, storage.inbox)
+    defs = make_defs(storage)
+    report = run_inbox_cycle(defs, instance)
+    before = _tree_digest(storage.lake / "studies") | _tree_digest(storage.lake / "volumes")
+    tables_before = _tree_digest(storage.tables)
+    job = defs.resolve_job_def("ingest_study_job")
+    for key in report.studies:
+        assert job.execute_in_process(instance=instance, partition_key=key).success
+    defs.resolve_job_def("lake_tables_job").execute_in_process(instance=instance)
+    after = _tree_digest(storage.lake / "studies") | _tree_digest(storage.lake / "volumes")
+    assert before == after
+    assert tables_before == _tree_digest(storage.tables)
+
+
+def test_preview_and_counts_in_metadata(storage, make_defs, instance, sample_cohort):
+    root, _ = sample_cohort
+    copy_into(root, storage.inbox)
+    report = run_inbox_cycle(make_defs(storage), instance, rebuild_tables=False)
+    mats = [m for r in report.results for m in r.get_asset_materialization_events()]
+    vols = [m.materialization for m in mats if m.asset_key.to_user_string() == "study_volumes"]
+    assert vols and all("data:image/png;base64," in v.metadata["preview"].value for v in vols)
+    files = [m.materialization for m in mats if m.asset_key.to_user_string() == "study_files"]
+    assert all(f.metadata["dagster/row_count"].value == 34 for f in files)
+    assert all("dagster/column_schema" in f.metadata for f in files)
