@@ -116,8 +116,10 @@ def load_patient(folder: str | os.PathLike, require_dose: bool = True) -> OpenKB
     idx, val = read_sparse(files["ct"])
     if val is None:
         raise OpenKBPError("invalid_content", "ct has no values")
-    if val.min() < 0 or val.max() > 5000:
-        raise OpenKBPError("invalid_content", "ct values outside 0..5000 (HU+1024)")
+    # stored values are HU + 1024; a few patients carry extended-range HU for metal (up to
+    # ~28000): kept as is (int16 holds up to 32767 HU), models clip when normalising
+    if val.min() < 0 or val.max() > 32767 + CT_OFFSET:
+        raise OpenKBPError("invalid_content", "ct values outside the int16 HU range")
     ct = (dense(idx, val, np.float32) - CT_OFFSET).astype(np.int16)
     dose = None
     if "dose" in files:

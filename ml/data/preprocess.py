@@ -47,7 +47,6 @@ class PreprocessConfig:
     ct_spacing_mm: tuple[float, float, float] | None = None  # None: keep the native grid
     mr_rigid_registration: bool = True
     nifti_compresslevel: int = 1
-    workers: int | None = None  # slice-decoding processes for large series
 
 
 def grid_id(vol: Volume) -> str:
@@ -149,7 +148,7 @@ def _dicom(w: _Writer, files: pd.DataFrame, series: pd.DataFrame, preview: dict)
     cts = series[series["modality"] == "CT"].sort_values("series_key")
     for _, ct_row in cts.iterrows():
         skey = ct_row["series_key"]
-        vol = load_series_volume(_paths(lake, files, files["series_key"] == skey), workers=w.cfg.workers)
+        vol = load_series_volume(_paths(lake, files, files["series_key"] == skey))
         vol = to_canonical(vol)
         if w.cfg.ct_spacing_mm:
             vol = resample_spacing(vol, w.cfg.ct_spacing_mm, default_value=-1024.0)

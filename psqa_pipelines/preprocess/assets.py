@@ -12,11 +12,11 @@ from ml.viz import study_preview_png
 from psqa_pipelines.constants import OWNER_DATA, PREPROCESS
 from psqa_pipelines.lib.metadata import counts_table, md_png, md_table
 from psqa_pipelines.partitions import studies_partitions
-from psqa_pipelines.resources import ComputeResource, PsqaStorage
+from psqa_pipelines.resources import PsqaStorage
 
 # sanity ranges per volume kind: (min allowed, max allowed)
 VALUE_RANGES = {
-    "ct": (-1200.0, 5000.0),  # HU; below: wrong rescale; above: metal is ~3000-4000
+    "ct": (-1200.0, 32767.0),  # HU; extended-range scanners store metal up to ~30000
     "dose": (0.0, 150.0),  # Gy
     "mask": (0.0, 1.0),
     "pdm": (0.0, 1.0),
@@ -54,7 +54,7 @@ class PreprocessSettings(dg.Config):
     ],
 )
 def study_volumes(context: dg.AssetExecutionContext, config: PreprocessSettings, storage: PsqaStorage,
-                  compute: ComputeResource, study_files: pd.DataFrame, study_series: pd.DataFrame):
+                  study_files: pd.DataFrame, study_series: pd.DataFrame):
     key = context.partition_key
     if study_files.empty:
         yield dg.Output(empty_manifest(), metadata={"volumes": 0, "note": "study has no ingested files (all quarantined)"})
@@ -65,7 +65,6 @@ def study_volumes(context: dg.AssetExecutionContext, config: PreprocessSettings,
     cfg = PreprocessConfig(
         ct_spacing_mm=tuple(config.ct_spacing_mm) if config.ct_spacing_mm else None,
         mr_rigid_registration=config.mr_rigid_registration,
-        workers=max(1, min(compute.plan().num_workers, 4)) if len(study_files) >= 64 else 1,
     )
     result = preprocess_study(key, source, study_files, study_series, storage.lake, cfg)
     m = result.manifest
@@ -98,6 +97,10 @@ def study_volumes(context: dg.AssetExecutionContext, config: PreprocessSettings,
         lo, hi = VALUE_RANGES.get(row["kind"], (-np.inf, np.inf))
         if not np.isfinite(row["vmean"]) or row["vmin"] < lo or row["vmax"] > hi:
             bad_val.append(f"{row['volume_key']}: [{row['vmin']:.4g}, {row['vmax']:.4g}] not in [{lo}, {hi}]")
+        if row["kind"] == "ct" and row["vmin"] > -900:
+            # a calibrated CT that shows any air has voxels near -1000 HU; no air at all
+            # usually means the rescale intercept was not applied
+            bad_val.append(f"{row['volume_key']}: no air-like voxels (min {row['vmin']:.4g} HU): rescale not applied?")
     yield dg.AssetCheckResult(check_name="values_in_range", passed=not bad_val,
                               metadata={"violations": dg.MetadataValue.json(bad_val)})
     bad_files = [row["volume_key"] for _, row in m.iterrows()

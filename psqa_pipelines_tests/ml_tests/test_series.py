@@ -201,11 +201,10 @@ def test_validate_series_rejects_duplicated_slice_with_new_uid(study, tmp_path):
 
 
 # -- load_series_volume -------------------------------------------------------------------
-@pytest.mark.parametrize("workers", [1, 2])
-def test_load_series_volume_returns_truth(study, workers):
+def test_load_series_volume_returns_truth(study):
     paths = list(study.ct_files)
     random.Random(5).shuffle(paths)
-    vol = load_series_volume(paths, workers=workers)
+    vol = load_series_volume(paths)
     assert vol.array.dtype == np.float32
     np.testing.assert_array_equal(vol.array, study.hu.astype(np.float32))
     assert vol.spacing == study.ct_spacing
@@ -236,7 +235,7 @@ def test_reencoded_slices_decode_the_same(study, tmp_path, syntax):
     assert inst.transfer_syntax == syntax
     assert inst.image_position == tuple(float(v) for v in pydicom.dcmread(study.ct_files[13]).ImagePositionPatient)
     validate_series(_instances(paths))
-    vol = load_series_volume(paths, workers=1)
+    vol = load_series_volume(paths)
     np.testing.assert_array_equal(vol.array, study.hu.astype(np.float32))
     assert vol.origin == study.ct_origin
 
@@ -255,7 +254,7 @@ def test_load_series_applies_per_slice_rescale(study, tmp_path):
             ds.PixelData = ((even + 1024) // 2).astype("<i2").tobytes()
 
     paths = _edited_copy(study, tmp_path / "s", edit)
-    vol = load_series_volume(paths, workers=1)
+    vol = load_series_volume(paths)
     expected = study.hu.astype(np.float32)
     expected[5] = expected[5] - (study.hu[5] % 2)
     np.testing.assert_array_equal(vol.array, expected)
@@ -273,7 +272,7 @@ def test_load_series_sign_extends_12_bit_signed(study, tmp_path):
             ds.PixelData = (vals.astype(np.uint16) & 0x0FFF).astype("<u2").tobytes()
 
     paths = _edited_copy(study, tmp_path / "s", edit)
-    vol = load_series_volume(paths, workers=1)
+    vol = load_series_volume(paths)
     assert np.all(vol.array[2, 1:] == -5)
     np.testing.assert_array_equal(vol.array[2, 0, :4], [2047, -2048, 0, 1])
     np.testing.assert_array_equal(vol.array[3], study.hu[3])
