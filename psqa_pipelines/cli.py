@@ -90,21 +90,37 @@ def dev(home: Path, dagster_port: int, mlflow_port: int) -> int:
     procs = [subprocess.Popen(mlflow_cmd, env=env, start_new_session=True),
              subprocess.Popen(dagster_cmd, env=env, cwd=REPO_DIR, start_new_session=True)]
     print(f"Dagster UI: http://127.0.0.1:{dagster_port}   MLflow UI: http://127.0.0.1:{mlflow_port}   (Ctrl-C stops both)")
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         while all(p.poll() is None for p in procs):
             time.sleep(1)
     except KeyboardInterrupt:
         pass
     finally:
+        # each server runs in its own process group: stop the whole group (dagster dev's
+        # code server, webserver and daemon do not all exit when only their parent does)
         for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
+            _signal_group(p.pid, signal.SIGINT)
+        deadline = time.time() + 20
         for p in procs:
             try:
-                p.wait(timeout=20)
+                p.wait(timeout=max(1, deadline - time.time()))
             except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+                pass
+        for p in procs:
+            _signal_group(p.pid, signal.SIGKILL)
     return 0
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

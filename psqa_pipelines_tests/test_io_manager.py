@@ -3,6 +3,7 @@
 import dagster as dg
 import pandas as pd
 import pyarrow.parquet as pq
+import pytest
 
 from psqa_pipelines.resources import LakeParquetIOManager, PsqaStorage
 
@@ -41,3 +42,17 @@ def test_partitioned_paths_metadata_and_fan_in(tmp_path):
         assert sorted(set(out["part"])) == ["a", "c"]
     # deterministic bytes: no pandas metadata or timestamps in the file
     assert pq.read_schema(path).metadata is None
+
+
+def test_compute_resource_plans_cpu_here():
+    import torch
+
+    from psqa_pipelines.resources import ComputeResource
+
+    plan = ComputeResource().plan()
+    if not torch.cuda.is_available():
+        assert plan.device == "cpu" and plan.amp_dtype == "off" and plan.num_workers >= 0
+        with pytest.raises(dg.Failure):
+            ComputeResource(device="cuda").plan()
+    with pytest.raises(dg.Failure):
+        ComputeResource(amp="fp8").plan()

@@ -15,12 +15,15 @@ import pyarrow.parquet as pq
 from upath import UPath
 
 from ml.utils.io import write_parquet_atomic
+from psqa_pipelines.lib.column_docs import COLUMN_DOCS
 from psqa_pipelines.resources.storage import PsqaStorage
 
 
 def table_schema(df: pd.DataFrame) -> dg.TableSchema:
     schema = pa.Schema.from_pandas(df, preserve_index=False)
-    return dg.TableSchema(columns=[dg.TableColumn(name=f.name, type=str(f.type)) for f in schema])
+    return dg.TableSchema(columns=[
+        dg.TableColumn(name=f.name, type=str(f.type), description=COLUMN_DOCS.get(f.name)) for f in schema
+    ])
 
 
 class ParquetIO(dg.UPathIOManager):
