@@ -1,0 +1,1 @@
+"""Metrics (gamma index, dose/segmentation/regression metrics). Pure numpy/torch."""

@@ -1,0 +1,1 @@
+"""Patient-specific QA: plan geometry, complexity metrics, the QA simulator and BMMQA."""
