@@ -26,6 +26,36 @@ def _sample_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bmmqa(args: argparse.Namespace) -> int:
+    from ml.psqa import train as T
+
+    if args.action == "train":
+        cfg = T.TrainConfig(variant=args.variant, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                            seed=args.seed, device=args.device, max_minutes=args.max_minutes,
+                            patience=args.patience, warmup_epochs=args.warmup_epochs,
+                            model=json.loads(args.model_json) if args.model_json else {})
+        metrics = T.train(args.data, args.out, cfg)
+        print(json.dumps(metrics))
+        return 0
+    if args.action == "predict":
+        import numpy as np
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        df, dd = T.predict(args.model, args.data, None if args.split == "all" else args.split, args.device)
+        df.to_parquet(out / "predictions.parquet", index=False)
+        if dd is not None:
+            np.save(out / "dd_pred.npy", dd.astype(np.float32))
+        print(json.dumps({"plans": len(df), "out": str(out.resolve())}))
+        return 0
+    result = T.evaluate(args.model, args.data, args.split, args.device)
+    text = json.dumps(result, indent=2, default=float)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ml", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,6 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--slices", type=int, default=64)
     sd.add_argument("--slice-thickness", type=float, default=3.0)
     sd.set_defaults(func=_sample_data)
+
+    bm = sub.add_parser("bmmqa", help="train / predict / evaluate BMMQA and its baselines on a pack")
+    bm.add_argument("action", choices=["train", "predict", "evaluate"])
+    bm.add_argument("--data", required=True, type=Path, help="pack directory (dataset.parquet, images.npy, dd.npy)")
+    bm.add_argument("--out", type=Path, help="train: model dir; predict: prediction dir; evaluate: metrics json")
+    bm.add_argument("--model", type=Path, help="trained model dir (predict/evaluate)")
+    bm.add_argument("--variant", default="bmmqa",
+                    choices=["bmmqa", "bmmqa_nobal", "concat", "tab_only", "img_only", "gpr_only", "dd_only"])
+    bm.add_argument("--epochs", type=int, default=60)
+    bm.add_argument("--batch-size", type=int, default=32)
+    bm.add_argument("--lr", type=float, default=1e-3)
+    bm.add_argument("--seed", type=int, default=0)
+    bm.add_argument("--patience", type=int, default=15)
+    bm.add_argument("--warmup-epochs", type=int, default=5)
+    bm.add_argument("--device", default="auto")
+    bm.add_argument("--max-minutes", type=float, default=None)
+    bm.add_argument("--split", default="test")
+    bm.add_argument("--model-json", default="", help='BMMQAConfig overrides, e.g. \'{"enc_widths": [16,32,64,128]}\'')
+    bm.set_defaults(func=_bmmqa)
     return parser
 
 

@@ -1,0 +1,327 @@
+"""BMMQA: balanced multimodal multi-task QA (Zeng, Ahmed & Tunio, Diagnostics 2025).
+
+Two modalities -> two tasks:
+
+* image: planned dose plane + fluence map (C x H x W), encoded by a 4-stage CNN;
+* table: plan-complexity metrics (K values), encoded by an MLP;
+* task GPR: gamma passing rates at several criteria, from a **softmax-weighted attention
+  fusion** of the two modality embeddings;
+* task DD: the dose-difference map (measured - planned, % of max), from a decoder fed by
+  **spatial cascading**: the tabular embedding is projected and tiled into every decoder stage.
+
+What the paper states and what is our default (seed-methods.md §A, marked [I] there):
+
+==============================  ===========================================================
+stated by the paper             task-specific fusion (attention for GPR, cascading for DD);
+                                one encoder per modality; Shapley modality contributions;
+                                fast forward over modality combinations; loss factors per
+                                modality; contribution-based task weights
+our defaults (paper silent)     encoder widths (32, 64, 128, 256) with 2 convs/stage, BatchNorm,
+                                GELU MLP 128->``embed``; ``embed`` = 128; attention scorer
+                                ``w^T tanh(W z)`` with 64 hidden units shared by modalities;
+                                GPR = 100 * sigmoid(MLP(z)); light decoder (32, 16, 8, 8)
+                                so that the coalition heads cost little next to the encoder;
+                                absent modality = zeroed features (and -inf attention logit)
+==============================  ===========================================================
+
+The network is split into ``encode`` (run once per batch) and ``heads`` (cheap), so that the
+outputs of every modality coalition can be computed from one encoder pass: ``coalitions``
+stacks the 2^M masked copies of the encoded features along the batch axis and runs the heads
+once (the "fast network forward mechanism"; see ``ml.psqa.shapley``).
+
+Variants (the baselines of the issue) are flags of one class (``BMMQAConfig``):
+``gpr_fusion`` attention|concat, ``dd_fusion`` cascade|bottleneck, ``modalities``
+(image-only / table-only models mask the other modality permanently), ``tasks`` gpr|dd|both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+MODALITIES = ("image", "table")
+
+
+@dataclass
+class BMMQAConfig:
+    in_channels: int = 2
+    n_tab: int = 30
+    n_criteria: int = 4
+    embed: int = 128
+    enc_widths: tuple[int, ...] = (32, 64, 128, 256)
+    dec_widths: tuple[int, ...] = (32, 16, 8, 8)
+    dropout: float = 0.1
+    gpr_fusion: str = "attention"  # attention | concat
+    dd_fusion: str = "cascade"  # cascade | bottleneck
+    modalities: tuple[str, ...] = MODALITIES
+    tasks: tuple[str, ...] = ("gpr", "dd")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BMMQAConfig:
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**kw)
+
+
+class GradScale(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``k`` (per-sample or scalar) on the way back.
+
+    This is how a modality-specific *loss factor* reaches one encoder through one task only.
+    """
+
+    @staticmethod
+    def forward(ctx, x, k):
+        ctx.save_for_backward(k)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (k,) = ctx.saved_tensors
+        return grad * k.to(grad.dtype), None
+
+
+def scale_grad(x: torch.Tensor, k: float | torch.Tensor | None) -> torch.Tensor:
+    if k is None:
+        return x
+    k = torch.as_tensor(k, dtype=x.dtype, device=x.device)
+    if torch.all(k == 1):
+        return x
+    return GradScale.apply(x, k)
+
+
+def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU(),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU(),
+    )
+
+
+class ImageEncoder(nn.Module):
+    def __init__(self, cfg: BMMQAConfig) -> None:
+        super().__init__()
+        widths = cfg.enc_widths
+        self.stages = nn.ModuleList()
+        cin = cfg.in_channels
+        for i, w in enumerate(widths):
+            self.stages.append(_block(cin, w, stride=1 if i == 0 else 2))
+            cin = w
+        self.proj = nn.Linear(widths[-1], cfg.embed)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        z = self.proj(x.mean(dim=(2, 3)))
+        return z, feats
+
+
+class TabEncoder(nn.Module):
+    def __init__(self, cfg: BMMQAConfig) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(cfg.n_tab, 128), nn.GELU(), nn.LayerNorm(128), nn.Dropout(cfg.dropout),
+            nn.Linear(128, cfg.embed), nn.GELU(), nn.LayerNorm(cfg.embed),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class AttentionFusion(nn.Module):
+    """alpha_m = softmax_m(w^T tanh(W z_m)) over the *present* modalities; z = sum alpha_m z_m."""
+
+    def __init__(self, embed: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.W = nn.Linear(embed, hidden)
+        self.w = nn.Linear(hidden, 1, bias=False)
+
+    def forward(self, zs: list[torch.Tensor], present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # zs: M tensors (B, D); present: (B, M) bool
+        z = torch.stack(zs, dim=1)  # (B, M, D)
+        logits = self.w(torch.tanh(self.W(z))).squeeze(-1)  # (B, M)
+        logits = logits.masked_fill(~present, float("-inf"))
+        any_present = present.any(dim=1, keepdim=True)
+        alpha = torch.softmax(torch.where(any_present, logits, torch.zeros_like(logits)), dim=1)
+        alpha = torch.where(any_present, alpha, torch.zeros_like(alpha))
+        return (alpha.unsqueeze(-1) * z).sum(dim=1), alpha
+
+
+class DDDecoder(nn.Module):
+    """U-Net-style decoder over the image feature pyramid (deepest first).
+
+    ``cascade`` tiles a projection of the tabular embedding into every stage (spatial
+    cascading); ``bottleneck`` only into the deepest one (plain late concatenation).
+
+    Each stage computes ``GELU(conv([skip ; tile ; up(prev)]))``. Convolution is linear in its
+    input channels, so the conv is stored as three convolutions summed: ``conv_skip(skip) +
+    conv_tile(tile) + conv_prev(up(prev))``. That is the same function (same expressivity),
+    but it lets the coalition pass compute the skip and tile parts once per sample and reuse
+    them for every modality coalition (a coalition only rescales them by 0/1); only
+    ``conv_prev`` runs once per coalition.
+    """
+
+    def __init__(self, cfg: BMMQAConfig) -> None:
+        super().__init__()
+        enc = list(cfg.enc_widths)[::-1]  # deepest first
+        dec = list(cfg.dec_widths)
+        self.cascade = cfg.dd_fusion == "cascade"
+        self.tile_ch = 8
+        self.uses_tile = [self.cascade or i == 0 for i in range(len(enc))]
+        self.skip_convs = nn.ModuleList()
+        self.tile_projs = nn.ModuleList()
+        self.tile_convs = nn.ModuleList()
+        self.prev_convs = nn.ModuleList()
+        prev = 0
+        for i, (e, d) in enumerate(zip(enc, dec, strict=True)):
+            self.skip_convs.append(nn.Conv2d(e, d, 3, padding=1))
+            if self.uses_tile[i]:
+                self.tile_projs.append(nn.Linear(cfg.embed, self.tile_ch))
+                self.tile_convs.append(nn.Conv2d(self.tile_ch, d, 3, padding=1, bias=False))
+            else:
+                self.tile_projs.append(nn.Identity())
+                self.tile_convs.append(nn.Identity())
+            self.prev_convs.append(nn.Conv2d(prev, d, 3, padding=1, bias=False) if prev else nn.Identity())
+            prev = d
+        self.out = nn.Conv2d(prev, 1, 1)
+
+    def shared_parts(self, feats: list[torch.Tensor], z_tab: torch.Tensor):
+        """Per-stage (skip part incl. bias, tile part): computed once per sample."""
+        parts = []
+        for i, f in enumerate(feats[::-1]):
+            skip = self.skip_convs[i](f)
+            tile = None
+            if self.uses_tile[i]:
+                t = self.tile_projs[i](z_tab)[:, :, None, None].expand(-1, -1, f.shape[2], f.shape[3])
+                tile = self.tile_convs[i](t)
+            parts.append((skip, tile))
+        return parts
+
+    def combine(self, parts, m_img: torch.Tensor, m_tab: torch.Tensor, repeat: int = 1) -> torch.Tensor:
+        """Run the per-coalition part. ``m_img``/``m_tab``: (repeat*B,) 0/1 weights."""
+        x = None
+        for i, (skip, tile) in enumerate(parts):
+            bias = self.skip_convs[i].bias[None, :, None, None]
+            skip_nb = (skip - bias).repeat(repeat, 1, 1, 1) if repeat > 1 else skip - bias
+            h = skip_nb * m_img[:, None, None, None] + bias
+            if tile is not None:
+                h = h + (tile.repeat(repeat, 1, 1, 1) if repeat > 1 else tile) * m_tab[:, None, None, None]
+            if x is not None:
+                h = h + self.prev_convs[i](F.interpolate(x, size=skip.shape[2:], mode="bilinear", align_corners=False))
+            x = F.gelu(h)
+        return self.out(x)
+
+
+@dataclass
+class Encoded:
+    z: dict[str, torch.Tensor]  # modality -> (B, D)
+    feats: list[torch.Tensor] = field(default_factory=list)  # image feature pyramid
+
+
+class BMMQA(nn.Module):
+    def __init__(self, cfg: BMMQAConfig | None = None, **kwargs) -> None:
+        super().__init__()
+        cfg = cfg or BMMQAConfig(**kwargs)
+        self.cfg = cfg
+        self.image_encoder = ImageEncoder(cfg)
+        self.tab_encoder = TabEncoder(cfg)
+        if "gpr" in cfg.tasks:
+            if cfg.gpr_fusion == "attention":
+                self.fusion = AttentionFusion(cfg.embed)
+                head_in = cfg.embed
+            else:
+                head_in = 2 * cfg.embed
+            self.gpr_head = nn.Sequential(nn.Linear(head_in, 64), nn.GELU(), nn.Dropout(cfg.dropout),
+                                          nn.Linear(64, cfg.n_criteria))
+        if "dd" in cfg.tasks:
+            self.dd_decoder = DDDecoder(cfg)
+
+    # -- the two halves --------------------------------------------------------------------
+    def encode(self, image: torch.Tensor, table: torch.Tensor) -> Encoded:
+        z_img, feats = self.image_encoder(image)
+        z_tab = self.tab_encoder(table)
+        return Encoded(z={"image": z_img, "table": z_tab}, feats=feats)
+
+    def heads(self, enc: Encoded, present: torch.Tensor | None = None,
+              loss_factors: dict[str, dict[str, float]] | None = None, repeat: int = 1) -> dict[str, torch.Tensor]:
+        """Task outputs for the encoded batch.
+
+        ``present``: (repeat*B, 2) bool mask over (image, table); absent modalities are zeroed
+        (the model's own ``modalities`` restriction is applied on top). ``repeat`` > 1 evaluates
+        ``repeat`` masked copies of the batch (the coalitions) while computing every
+        coalition-independent part once. ``loss_factors``: {task: {modality: k}} gradient
+        multipliers on the features entering that task.
+        """
+        z_img, z_tab = enc.z["image"], enc.z["table"]
+        b = z_img.shape[0] * repeat
+        if present is None:
+            present = torch.ones(b, 2, dtype=torch.bool, device=z_img.device)
+        allowed = torch.tensor([m in self.cfg.modalities for m in MODALITIES], device=present.device)
+        present = present & allowed[None, :]
+        m_img = present[:, 0].to(z_img.dtype)
+        m_tab = present[:, 1].to(z_tab.dtype)
+        lf = loss_factors or {}
+
+        def rep(t):
+            return t.repeat(repeat, *([1] * (t.dim() - 1))) if repeat > 1 else t
+
+        out: dict[str, torch.Tensor] = {}
+        if "gpr" in self.cfg.tasks:
+            k = lf.get("gpr", {})
+            zi = rep(scale_grad(z_img, k.get("image"))) * m_img[:, None]
+            zt = rep(scale_grad(z_tab, k.get("table"))) * m_tab[:, None]
+            if self.cfg.gpr_fusion == "attention":
+                z, alpha = self.fusion([zi, zt], present)
+                out["alpha"] = alpha
+            else:
+                z = torch.cat([zi, zt], dim=1)
+            out["gpr"] = 100.0 * torch.sigmoid(self.gpr_head(z))
+        if "dd" in self.cfg.tasks:
+            k = lf.get("dd", {})
+            feats = [scale_grad(f, k.get("image")) for f in enc.feats]
+            parts = self.dd_decoder.shared_parts(feats, scale_grad(z_tab, k.get("table")))
+            out["dd"] = self.dd_decoder.combine(parts, m_img, m_tab, repeat=repeat)
+        return out
+
+    def forward(self, image: torch.Tensor, table: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.heads(self.encode(image, table))
+
+    @torch.no_grad()
+    def init_gpr_bias(self, mean_gpr: torch.Tensor) -> None:
+        """Start the GPR head at the training mean (logit of mean/100) instead of 50 %."""
+        if "gpr" in self.cfg.tasks:
+            p = (mean_gpr.float() / 100.0).clamp(1e-3, 1 - 1e-3)
+            self.gpr_head[-1].bias.copy_(torch.log(p / (1 - p)))
+
+    # -- coalitions (fast forward) ---------------------------------------------------------
+    def coalitions(self, image: torch.Tensor, table: torch.Tensor, enc: Encoded | None = None
+                   ) -> dict[tuple[str, ...], dict[str, torch.Tensor]]:
+        """Outputs of every modality coalition from ONE encoder pass and ONE (stacked) head pass."""
+        enc = enc or self.encode(image, table)
+        masks = coalition_masks(2, device=enc.z["image"].device)  # (4, 2)
+        b = enc.z["image"].shape[0]
+        n = masks.shape[0]
+        present = masks.repeat_interleave(b, dim=0)
+        out = self.heads(enc, present, repeat=n)
+        result = {}
+        for i in range(n):
+            key = tuple(m for m, on in zip(MODALITIES, masks[i].tolist(), strict=True) if on)
+            result[key] = {k: v[i * b:(i + 1) * b] for k, v in out.items()}
+        return result
+
+
+def coalition_masks(n_modalities: int, device=None) -> torch.Tensor:
+    """All 2^M subsets as a (2^M, M) bool tensor, the empty set first, the full set last."""
+    idx = torch.arange(2 ** n_modalities, device=device)
+    bits = (idx[:, None] >> torch.arange(n_modalities, device=device)[None, :]) & 1
+    order = torch.argsort(bits.sum(dim=1) * (2 ** n_modalities) + idx, stable=True)
+    return bits[order].bool()
