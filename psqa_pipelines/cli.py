@@ -2,6 +2,8 @@
 
     psqa init            create the PSQA_HOME layout, the Dagster instance config, the MLflow store
     psqa demo            sample data -> inbox -> whole asset graph, in-process; prints where to look
+                         (--qa-plans N: simulated IMRT QA programme -> BMMQA + baselines trained on CPU,
+                         evaluation, Shapley report, champion alias; 0 skips the PSQA stage)
     psqa dev             Dagster UI (dagster dev) + MLflow UI on loopback
 """
 
@@ -36,7 +38,11 @@ def init(home: Path) -> None:
     MlflowResource().ensure_store()
 
 
-def demo(home: Path, studies: int, with_shared: bool) -> int:
+DEMO_TRAINING = {"epochs": 8, "batch_size": 16, "patience": 50, "warmup_epochs": 2, "enc_widths": [8, 16, 32, 32],
+                 "dec_widths": [8, 8, 8, 8]}
+
+
+def demo(home: Path, studies: int, with_shared: bool, qa_plans: int = 100) -> int:
     import dagster as dg
 
     from ml.data.sample_data import generate_hn_cohort
@@ -60,9 +66,29 @@ def demo(home: Path, studies: int, with_shared: bool) -> int:
         ):
             if src.is_dir() and not (storage.inbox / dst).exists():
                 shutil.copytree(src, storage.inbox / dst)
+    qa_dir = storage.inbox / "qa_programme"
+    if qa_plans > 0 and not qa_dir.exists():
+        from ml.psqa.simulator import simulate
+
+        print(f"simulating an IMRT QA programme: {qa_plans} plans (RT Plan, planned + measured RT Dose, QA CSV) ...")
+        simulate(qa_dir, qa_plans, seed=0)
     defs = build_defs(build_resources(storage))
+    train_ok = True
     with dg.DagsterInstance.get() as instance:
         report = run_inbox_cycle(defs, instance)
+        if qa_plans > 0:
+            from psqa_pipelines.psqa.training import training_assets
+
+            print("training BMMQA and its baselines (small CPU configuration), evaluating, promoting ...")
+            run_config = {"ops": {a.key.to_user_string(): {"config": DEMO_TRAINING} for a in training_assets}}
+            res = defs.resolve_job_def("train_psqa").execute_in_process(instance=instance, run_config=run_config,
+                                                                        raise_on_error=False)
+            train_ok = res.success
+            if res.success:
+                ev = res.output_for_node("psqa_evaluation")
+                cols = [c for c in ("model", "MAE 2%/3mm", "MAE 2%/2mm", "MAE GPR<90 (2%/2mm)", "AUC fail (2%/2mm)",
+                                    "DD SSIM mean") if c in ev.columns]
+                print(ev[cols].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     elapsed = time.perf_counter() - t0
     print()
     print(f"demo finished in {elapsed:.0f} s: {len(report.studies)} studies ingested, {len(report.failed)} failed; "
@@ -73,8 +99,9 @@ def demo(home: Path, studies: int, with_shared: bool) -> int:
     print(f"  quarantine     {storage.quarantine}")
     print(f"  MLflow store   {home / 'mlflow' / 'mlflow.db'}")
     print("next: `make dev`, then open the Dagster UI at http://127.0.0.1:3000 (asset groups ingest -> "
-          "preprocess -> lake_tables) and MLflow at http://127.0.0.1:5000")
-    return 0 if not report.failed else 1
+          "preprocess -> lake_tables -> psqa -> psqa_training) and MLflow at http://127.0.0.1:5000 "
+          "(model psqa-bmmqa, alias champion)")
+    return 0 if not report.failed and train_ok else 1
 
 
 def dev(home: Path, dagster_port: int, mlflow_port: int) -> int:
@@ -131,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo")
     d.add_argument("--studies", type=int, default=3)
     d.add_argument("--no-shared", action="store_true", help="do not copy ../shared samples (BraTS, 2 OpenKBP patients)")
+    d.add_argument("--qa-plans", type=int, default=100, help="simulated QA plans for the PSQA stage (0: skip it)")
     v = sub.add_parser("dev")
     v.add_argument("--dagster-port", type=int, default=3000)
     v.add_argument("--mlflow-port", type=int, default=5000)
@@ -141,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"initialised {home}")
         return 0
     if args.cmd == "demo":
-        return demo(home, args.studies, not args.no_shared)
+        return demo(home, args.studies, not args.no_shared, args.qa_plans)
     return dev(home, args.dagster_port, args.mlflow_port)
 
 

@@ -3,9 +3,14 @@
 INGEST = "ingest"
 PREPROCESS = "preprocess"
 LAKE = "lake_tables"
+PSQA = "psqa"
+PSQA_TRAINING = "psqa_training"
 
 OWNER_DATA = "team:data-engineering"
 OWNER_ML = "team:ml"
 OWNER_PHYSICS = "team:medical-physics"
 
 STUDIES_PARTITION = "studies"
+
+PSQA_MODEL_NAME = "psqa-bmmqa"  # the registered MLflow model of the BMMQA variant
+CHAMPION_ALIAS = "champion"

@@ -12,6 +12,7 @@ import dagster as dg
 from psqa_pipelines.ingest import definitions as ingest
 from psqa_pipelines.lake import definitions as lake
 from psqa_pipelines.preprocess import definitions as preprocess
+from psqa_pipelines.psqa import definitions as psqa
 from psqa_pipelines.resources import (
     ComputeResource,
     DeidentificationResource,
@@ -47,6 +48,7 @@ def build_defs(resources: dict | None = None) -> dg.Definitions:
         ingest.defs,
         preprocess.defs,
         lake.defs,
+        psqa.defs,
         dg.Definitions(sensors=[automation], resources=resources or build_resources()),
     )
 

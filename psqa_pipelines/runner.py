@@ -4,7 +4,7 @@
 executes the runs it requests in this process (``execute_in_process`` against the given
 instance), tagged like sensor-launched runs (``dagster/sensor_name``, ``dagster/run_key``) so a
 daemon started later recognises them and does not launch them again. Then it rebuilds the
-lake-wide tables (what the automation sensor would do).
+lake-wide tables and the PSQA tables (what the automation sensor would do).
 """
 
 from dataclasses import dataclass, field
@@ -20,6 +20,7 @@ class CycleReport:
     studies: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     triage_runs: int = 0
+    qa_results_runs: int = 0
     files_seen: int = 0
     files_ingested: int = 0
     files_quarantined: int = 0
@@ -43,6 +44,8 @@ def run_inbox_cycle(defs: dg.Definitions, instance: dg.DagsterInstance, cursor: 
         report.results.append(run)
         if req.partition_key:
             (report.studies if run.success else report.failed).append(req.partition_key)
+        elif req.job_name == "qa_results_job":
+            report.qa_results_runs += 1
         else:
             report.triage_runs += 1
         for mat in run.get_asset_materialization_events():
@@ -52,6 +55,7 @@ def run_inbox_cycle(defs: dg.Definitions, instance: dg.DagsterInstance, cursor: 
                 report.files_ingested += int(md["files_ingested"].value)
                 report.files_quarantined += int(md["files_quarantined"].value)
     if rebuild_tables:
-        report.results.append(defs.resolve_job_def("lake_tables_job").execute_in_process(
-            instance=instance, raise_on_error=raise_on_error))
+        for name in ("lake_tables_job", "psqa_tables_job"):
+            report.results.append(defs.resolve_job_def(name).execute_in_process(
+                instance=instance, raise_on_error=raise_on_error))
     return report

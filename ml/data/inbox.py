@@ -72,10 +72,11 @@ class InboxScan:
     studies: dict[str, StudyGroup]
     unattributed: list[FileRef]
     unsettled: int = 0  # files skipped because they are still being written
+    qa_tables: list[FileRef] = field(default_factory=list)  # QA-system result exports (CSV)
 
     @property
     def n_files(self) -> int:
-        return sum(len(s.files) for s in self.studies.values()) + len(self.unattributed)
+        return sum(len(s.files) for s in self.studies.values()) + len(self.unattributed) + len(self.qa_tables)
 
 
 def fingerprint(files: list[FileRef]) -> str:
@@ -134,6 +135,20 @@ class _HeaderCache:
                 pass  # read-only landing folder: the cache is an optimisation only
 
 
+QA_RESULTS_COLUMNS = ("PatientID", "PlanSOPInstanceUID", "BeamNumber", "Criterion", "GPR")
+
+
+def is_qa_results_csv(path: Path) -> bool:
+    """A QA system's results export: a CSV whose header names the QA result columns."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            header = f.readline()
+    except OSError:
+        return False
+    cols = {c.strip().strip('"') for c in header.split(",")}
+    return all(c in cols for c in QA_RESULTS_COLUMNS)
+
+
 def _dicom_header(path: Path) -> dict:
     from ml.data.dicom.headers import IngestError, read_dataset
 
@@ -158,6 +173,7 @@ def scan_landing_folder(
     root = Path(root)
     studies: dict[str, StudyGroup] = {}
     unattributed: list[FileRef] = []
+    qa_tables: list[FileRef] = []
     unsettled = 0
     if not root.exists():
         return InboxScan(root, studies, unattributed)
@@ -196,6 +212,9 @@ def scan_landing_folder(
             key = pseudonymizer.study("nii", folder)
             add(key, "nifti", FileRef(rel, st.st_size, st.st_mtime_ns, "nifti", "MR"))
             continue
+        if path.suffix.lower() == ".csv" and is_qa_results_csv(path):
+            qa_tables.append(FileRef(rel, st.st_size, st.st_mtime_ns, "qa_results"))
+            continue
         ref = FileRef(rel, st.st_size, st.st_mtime_ns, "unknown")
         sig = ref.signature()
         live.add(sig)
@@ -209,7 +228,7 @@ def scan_landing_folder(
         else:
             unattributed.append(FileRef(rel, st.st_size, st.st_mtime_ns, "unknown", detail=info.get("reason", "")))
     cache.save(live)
-    return InboxScan(root, studies, unattributed, unsettled)
+    return InboxScan(root, studies, unattributed, unsettled, qa_tables)
 
 
 def scan_summary(scan: InboxScan) -> dict:
@@ -223,6 +242,7 @@ def scan_summary(scan: InboxScan) -> dict:
         "files": scan.n_files,
         "unattributed_files": len(scan.unattributed),
         "unsettled_files": scan.unsettled,
+        "qa_result_tables": len(scan.qa_tables),
     }
 
 

@@ -61,7 +61,7 @@ SERIES_COLUMNS = {
     "spacing_x": "float64", "spacing_y": "float64", "spacing_z": "float64",
     "origin_x": "float64", "origin_y": "float64", "origin_z": "float64", "orientation": "str",
     "frame_of_reference_uid": "str", "series_instance_uid": "str", "referenced_series_key": "str",
-    "referenced_object_key": "str", "roi_names": "str", "n_rois": "int64", "dose_units": "str",
+    "referenced_object_key": "str", "referenced_beam": "int64", "roi_names": "str", "n_rois": "int64", "dose_units": "str",
     "dose_summation_type": "str", "dose_max": "float64", "n_beams": "int64", "status": "str",
 }
 
@@ -310,6 +310,7 @@ def _ingest_dicom(ctx: _Ctx) -> StudyIngest:
             row["roi_names"] = ",".join(it.extra["roi_names"])
             row["n_rois"] = it.extra["n_rois"]
         elif inst.modality == "RTDOSE":
+            row["referenced_beam"] = _referenced_beam(ds)
             row.update({
                 "rows": inst.rows, "columns": inst.columns, "n_slices": inst.number_of_frames,
                 "spacing_x": inst.pixel_spacing[1], "spacing_y": inst.pixel_spacing[0],
@@ -330,6 +331,16 @@ def _ingest_dicom(ctx: _Ctx) -> StudyIngest:
         quarantined=ctx.records, files_seen=len(ctx.group.files),
         fingerprint_after=ctx.fingerprint_after(), stats=stats,
     )
+
+
+def _referenced_beam(ds) -> int:
+    """Beam number a per-beam RT Dose refers to (-1 for plan/composite doses)."""
+    for rp in ds.get("ReferencedRTPlanSequence", []) or []:
+        for fg in rp.get("ReferencedFractionGroupSequence", []) or []:
+            for rb in fg.get("ReferencedBeamSequence", []) or []:
+                if rb.get("ReferencedBeamNumber") is not None:
+                    return int(rb.ReferencedBeamNumber)
+    return -1
 
 
 def _fmt(values) -> str:

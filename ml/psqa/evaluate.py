@@ -83,3 +83,126 @@ def evaluation_table(pred: pd.DataFrame, true: pd.DataFrame, criteria_columns: l
         m = gpr_metrics(pred[col].to_numpy(), true[col].to_numpy())
         rows.append({"criterion": name, **m})
     return pd.DataFrame(rows)
+
+
+def mean_predictor_metrics(train_labels: pd.DataFrame, test_labels: pd.DataFrame, column: str) -> dict[str, float]:
+    """The predict-the-training-mean baseline every GPR model must beat."""
+    pred = np.full(len(test_labels), float(train_labels[column].mean()))
+    return gpr_metrics(pred, test_labels[column].to_numpy())
+
+
+def ablation_table(model_dirs: dict[str, str], pack_dir: str, split: str = "test") -> tuple[pd.DataFrame, dict]:
+    """One row per variant (+ the mean predictor): the issue's comparison on the test split.
+
+    Returns the table and, per variant, the predictions (GPR frame, DD maps) for plots.
+    """
+    from ml.psqa.dataset import CRITERIA, LABEL_COLUMNS, load_pack
+    from ml.psqa.train import predict
+
+    pack = load_pack(pack_dir)
+    rows_t = pack.split(split)
+    true_dd = np.asarray(pack.dd[rows_t["image_index"].to_numpy()])
+    rows, preds = [], {}
+    for variant, mdir in model_dirs.items():
+        df, dd = predict(mdir, pack_dir, split, device="cpu")
+        preds[variant] = (df, dd)
+        row: dict = {"model": variant}
+        if "pred_gpr_2_2" in df:
+            for col, crit in zip(LABEL_COLUMNS, CRITERIA, strict=True):
+                m = gpr_metrics(df[f"pred_{col}"].to_numpy(), rows_t[col].to_numpy())
+                row[f"MAE {crit}"] = m["mae"]
+            m22 = gpr_metrics(df["pred_gpr_2_2"].to_numpy(), rows_t["gpr_2_2"].to_numpy())
+            row.update({"MAE GPR<90 (2%/2mm)": m22["mae_fail"], "AUC fail (2%/2mm)": m22["auc"],
+                        "sens (2%/2mm)": m22["sensitivity"], "spec (2%/2mm)": m22["specificity"],
+                        "Spearman (2%/2mm)": m22["spearman"]})
+        if dd is not None:
+            d = dd_metrics(dd, true_dd)
+            row.update({"DD SSIM mean": d["ssim_mean"], "DD SSIM max": d["ssim_max"], "DD MAE (%)": d["mae"]})
+        rows.append(row)
+    train_rows = pack.split("train")
+    base: dict = {"model": "mean predictor"}
+    for col, crit in zip(LABEL_COLUMNS, CRITERIA, strict=True):
+        base[f"MAE {crit}"] = mean_predictor_metrics(train_rows, rows_t, col)["mae"]
+    m22 = mean_predictor_metrics(train_rows, rows_t, "gpr_2_2")
+    base["MAE GPR<90 (2%/2mm)"] = m22["mae_fail"]
+    rows.append(base)
+    return pd.DataFrame(rows), preds
+
+
+def shapley_table(model_dir: str, pack_dir: str, splits: tuple[str, ...] = ("train", "val", "test"),
+                  device: str = "cpu") -> pd.DataFrame:
+    """Per-plan Shapley modality contributions of a trained model.
+
+    One row per (plan, task): ``phi_image`` and ``phi_table`` are the two-player Shapley values of
+    the task error (``ml.psqa.shapley.task_errors``: GPR MAE over criteria, DD L1), measured as the
+    *reduction* of the error a modality brings (positive = the modality helps), computed with the
+    fast coalition forward (each encoder once, coalitions through the heads as one batch).
+    """
+    from ml.psqa.dataset import load_pack
+    from ml.psqa.train import load_model, resolve_device, shapley_on, tensors_for
+
+    dev = resolve_device(device)
+    model, scaler, _ = load_model(model_dir, str(dev))
+    pack = load_pack(pack_dir)
+    frames = []
+    for split in splits:
+        rows = pack.split(split)
+        if not len(rows):
+            continue
+        data = tensors_for(pack, rows, scaler)
+        phi = shapley_on(model, data, dev)
+        for task, v in phi.items():
+            frames.append(pd.DataFrame({"plan_key": data.keys, "split": split, "task": task,
+                                        "phi_image": v[:, 0].astype(float), "phi_table": v[:, 1].astype(float)}))
+    if not frames:
+        return pd.DataFrame(columns=["plan_key", "split", "task", "phi_image", "phi_table"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def shapley_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean contributions per split and task, with the normalised share of each modality
+    (positive parts normalised to 1, as the balancer's psi)."""
+    if table.empty:
+        return pd.DataFrame(columns=["split", "task", "phi_image", "phi_table", "share_image", "share_table", "n"])
+    g = table.groupby(["split", "task"], sort=True)
+    out = g[["phi_image", "phi_table"]].mean().reset_index()
+    pos = out[["phi_image", "phi_table"]].clip(lower=0)
+    tot = pos.sum(axis=1).replace(0, np.nan)
+    out["share_image"] = (pos["phi_image"] / tot).fillna(0.5)
+    out["share_table"] = (pos["phi_table"] / tot).fillna(0.5)
+    out["n"] = g.size().to_numpy()
+    return out
+
+
+def compare_models(challenger_dir: str, champion_dir: str | None, pack_dir: str, split: str = "test",
+                   metric: str = "gpr_2_2", margin: float = 0.0) -> dict:
+    """Champion/challenger decision on one (fixed) split: the challenger is promoted when its MAE
+    at ``metric`` is lower than the champion's by more than ``margin`` percentage points (ties keep
+    the champion). Without a champion the challenger is promoted. Both models are evaluated on the
+    same rows of the same pack."""
+    from ml.psqa.dataset import load_pack
+    from ml.psqa.train import predict
+
+    pack = load_pack(pack_dir)
+    rows = pack.split(split)
+    if not len(rows):
+        raise ValueError(f"the pack has no {split!r} rows to compare on")
+    true = rows[metric].to_numpy()
+    result = {"split": split, "metric": metric, "n": int(len(rows)), "margin": float(margin)}
+    for role, mdir in (("challenger", challenger_dir), ("champion", champion_dir)):
+        if mdir is None:
+            result[f"{role}_mae"] = float("nan")
+            result[f"{role}_n_fail"] = float("nan")
+            continue
+        df, _ = predict(mdir, pack_dir, split, device="cpu")
+        m = gpr_metrics(df[f"pred_{metric}"].to_numpy(), true)
+        result[f"{role}_mae"] = m["mae"]
+        result[f"{role}_auc"] = m["auc"]
+    if champion_dir is None:
+        result["promote"], result["reason"] = True, "no champion yet"
+    else:
+        gain = result["champion_mae"] - result["challenger_mae"]
+        result["promote"] = bool(gain > margin)
+        result["reason"] = (f"challenger MAE {result['challenger_mae']:.3f} vs champion {result['champion_mae']:.3f} "
+                            f"(gain {gain:+.3f} pp, margin {margin:g})")
+    return result

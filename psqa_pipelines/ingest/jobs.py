@@ -4,13 +4,21 @@ from psqa_pipelines.partitions import studies_partitions
 
 ingest_study_job = dg.define_asset_job(
     name="ingest_study_job",
-    selection=dg.AssetSelection.assets("study_files", "study_series", "study_volumes"),
+    selection=dg.AssetSelection.assets("study_files", "study_series", "study_volumes", "plan_complexity",
+                                       "beam_complexity", "qa_planes", "qa_labels"),
     partitions_def=studies_partitions,
-    description="De-identify, index and preprocess one study (one partition).",
+    description="De-identify, index and preprocess one study (one partition); RT Plans with QA dose planes "
+                "also get their complexity features, QA planes and gamma labels.",
 )
 
 inbox_triage_job = dg.define_asset_job(
     name="inbox_triage_job",
     selection=dg.AssetSelection.assets("inbox_triage"),
     description="Quarantine inbox files that belong to no study.",
+)
+
+qa_results_job = dg.define_asset_job(
+    name="qa_results_job",
+    selection=dg.AssetSelection.assets("qa_results_table"),
+    description="De-identify the QA system's result exports (CSV) found in the inbox into one table.",
 )

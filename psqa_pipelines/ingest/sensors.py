@@ -7,8 +7,9 @@ studies and, for every study whose file fingerprint (paths, sizes, mtimes) is ne
 * requests one ``ingest_study_job`` run with ``run_key = "<study>:<fingerprint>"``: a re-tick
   never launches a second run for the same content, a changed study gets a new run.
 
-Unattributable files get one ``inbox_triage_job`` run per distinct set. The cursor is JSON
-``{"studies": {key: fingerprint}, "triage": fingerprint}``; an ingestion that quarantined files
+Unattributable files get one ``inbox_triage_job`` run per distinct set; QA-system result exports
+(CSV, ``ml.data.inbox.is_qa_results_csv``) one ``qa_results_job`` run per distinct set. The cursor
+is JSON ``{"studies": {key: fingerprint}, "triage": fingerprint, "qa_results": fingerprint}``; an ingestion that quarantined files
 (and so changed the study's fingerprint itself) leaves a receipt that the sensor honours, so
 our own moves do not trigger a second run. Only counts are logged.
 """
@@ -19,7 +20,7 @@ import json
 import dagster as dg
 
 from ml.data.inbox import fingerprint, read_receipt, scan_sources
-from psqa_pipelines.ingest.jobs import inbox_triage_job, ingest_study_job
+from psqa_pipelines.ingest.jobs import inbox_triage_job, ingest_study_job, qa_results_job
 from psqa_pipelines.partitions import studies_partitions
 from psqa_pipelines.resources import DeidentificationResource, PsqaStorage
 
@@ -29,12 +30,13 @@ def _load_cursor(raw: str | None) -> dict:
         data = json.loads(raw) if raw else {}
     except ValueError:
         data = {}
-    return {"studies": dict(data.get("studies", {})), "triage": str(data.get("triage", ""))}
+    return {"studies": dict(data.get("studies", {})), "triage": str(data.get("triage", "")),
+            "qa_results": str(data.get("qa_results", ""))}
 
 
 @dg.sensor(
     name="inbox_sensor",
-    jobs=[ingest_study_job, inbox_triage_job],
+    jobs=[ingest_study_job, inbox_triage_job, qa_results_job],
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Watches $PSQA_HOME/inbox and the OpenKBP folder; one partition and one run per new or changed study.",
@@ -66,6 +68,12 @@ def inbox_sensor(context: dg.SensorEvaluationContext, storage: PsqaStorage, deid
         if fp != cursor["triage"]:
             requests.append(dg.RunRequest(job_name=inbox_triage_job.name, run_key=f"triage:{fp}"))
             cursor["triage"] = fp
+    qa_tables = [ref for s in scan.scans.values() for ref in s.qa_tables]
+    if qa_tables:
+        fp = fingerprint(qa_tables)
+        if fp != cursor["qa_results"]:
+            requests.append(dg.RunRequest(job_name=qa_results_job.name, run_key=f"qa_results:{fp}"))
+            cursor["qa_results"] = fp
     summary = scan.summary()
     context.log.info(f"scan: {json.dumps(summary, sort_keys=True)}; new partitions: {len(new_keys)}; "
                      f"runs requested: {len(requests)}")
