@@ -86,7 +86,7 @@ def test_psqa_two_rounds_lineage_and_champion(simulated, storage, tmp_path, monk
     bm1 = res.output_for_node("psqa_model_bmmqa").iloc[0]
     assert bm1["model_version"] == "1" and bm1["n_plans"] == ROUND1
     champion = mlflow.get_version_by_alias(PSQA_MODEL_NAME, CHAMPION_ALIAS)
-    assert champion is not None and champion.version == "1"
+    assert champion is not None and str(champion.version) == "1"
     # lineage: registered version -> MLflow run -> Dagster run, pack digest, dataset inputs
     client = mlflow.client()
     run = client.get_run(bm1["mlflow_run_id"])
@@ -128,18 +128,17 @@ def test_psqa_two_rounds_lineage_and_champion(simulated, storage, tmp_path, monk
     assert cmp2["champion_version"] == "1" and cmp2["challenger_version"] == "2"
     expected = "2" if cmp2["challenger_mae_2_2"] < cmp2["champion_mae_2_2"] else "1"
     assert res2.success == (expected == "2")
-    assert mlflow.get_version_by_alias(PSQA_MODEL_NAME, CHAMPION_ALIAS).version == expected
+    assert str(mlflow.get_version_by_alias(PSQA_MODEL_NAME, CHAMPION_ALIAS).version) == expected
 
     # ---- round 3: a challenger that cannot win (impossible margin) is blocked ------------------
-    before = mlflow.get_version_by_alias(PSQA_MODEL_NAME, CHAMPION_ALIAS).version
+    before = str(mlflow.get_version_by_alias(PSQA_MODEL_NAME, CHAMPION_ALIAS).version)
     res3 = defs.resolve_job_def("retrain_bmmqa").execute_in_process(
         instance=instance, raise_on_error=False,
         run_config={**_train_config(["bmmqa"]), **{"ops": {**_train_config(["bmmqa"])["ops"],
                                                            "psqa_challenger_eval": {"config": {"margin_pp": 1000.0}}}}})
     assert not res3.success
-    checks = [e.event_specific_data.asset_check_evaluation for e in res3.all_events
-              if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    checks = res3.get_asset_check_evaluations()
     assert [c.passed for c in checks if c.check_name == "challenger_beats_champion"] == [False]
     assert "psqa_champion" not in {m.asset_key.to_user_string() for m in res3.get_asset_materialization_events()}
-    assert mlflow.get_version_by_alias(PSQA_MODEL_NAME, CHAMPION_ALIAS).version == before
+    assert str(mlflow.get_version_by_alias(PSQA_MODEL_NAME, CHAMPION_ALIAS).version) == before
     assert client.get_model_version(PSQA_MODEL_NAME, "3").tags["dagster_run_id"] == res3.run_id

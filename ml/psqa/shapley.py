@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ml.psqa.bmmqa import AttentionFusion, coalition_masks
 
@@ -95,12 +96,19 @@ class MultiModalNet(nn.Module):
         return self.heads(zs, feats, torch.ones(b, self.m, dtype=torch.bool, device=zs[0].device))
 
     def coalitions(self, xs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """``heads`` for every coalition from ONE encoder pass: the regression head runs on the
+        2^M masked copies of the (small) embeddings, stacked; the map head is a 1 x 1 conv, so
+        ``conv(sum_i p_i f_i) = sum_i p_i conv_nobias(f_i) + bias``: each modality's feature map
+        is projected once and a coalition only mixes the M one-channel maps."""
         zs, feats = self.encode(xs)
         masks = coalition_masks(self.m, device=zs[0].device)
         n, b = masks.shape[0], zs[0].shape[0]
-        out = self.heads([z.repeat(n, 1) for z in zs], [f.repeat(n, 1, 1, 1) for f in feats],
-                         masks.repeat_interleave(b, dim=0))
-        return [{k: v[i * b:(i + 1) * b] for k, v in out.items()} for i in range(n)]
+        present = masks.repeat_interleave(b, dim=0)
+        fused, _ = self.fusion([z.repeat(n, 1) * present[:, i, None].to(z.dtype) for i, z in enumerate(zs)], present)
+        y = self.head(fused)
+        proj = torch.stack([F.conv2d(f, self.map_head.weight) for f in feats])  # (M, B, 1, h, w)
+        maps = torch.einsum("cm,mbohw->cbohw", masks.to(proj.dtype), proj) + self.map_head.bias[:, None, None]
+        return [{"y": y[i * b:(i + 1) * b], "map": maps[i]} for i in range(n)]
 
     def naive_coalitions(self, xs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         masks = coalition_masks(self.m, device=xs[0].device)

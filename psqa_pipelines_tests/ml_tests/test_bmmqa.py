@@ -97,6 +97,38 @@ def test_fast_forward_equals_naive_for_four_modalities():
     assert len(fast) == 16
     for a, b in zip(fast, naive, strict=True):
         assert torch.allclose(a["y"], b["y"], atol=1e-6) and torch.allclose(a["map"], b["map"], atol=1e-6)
+    # the Shapley values from the fast pass equal those of the 2^4 separate full forward passes
+    names = ("m0", "m1", "m2", "m3")
+    keys = [tuple(n for n, on in zip(names, m, strict=True) if on) for m in coalition_masks(4).tolist()]
+    y, ymap = torch.randn(3, 4), torch.randn(3, 1, 4, 4)
+
+    def errs(o):
+        return {"y": (o["y"] - y).abs().mean(1), "map": (o["map"] - ymap).abs().flatten(1).mean(1)}
+
+    phi_fast = coalition_shapley(dict(zip(keys, fast, strict=True)), errs, modalities=names)
+    phi_naive = coalition_shapley(dict(zip(keys, naive, strict=True)), errs, modalities=names)
+    for t in ("y", "map"):
+        assert phi_fast[t].shape == (4, 3)
+        assert torch.allclose(phi_fast[t], phi_naive[t], atol=1e-6)
+        assert torch.allclose(phi_fast[t].sum(0), errs(naive[0])[t] - errs(naive[-1])[t], atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [{"dd_fusion": "bottleneck"}, {"gpr_fusion": "concat"}, {"modalities": ("image",)},
+                                {"modalities": ("table",)}, {"tasks": ("dd",)}, {"tasks": ("gpr",)}])
+def test_fast_forward_equals_2m_full_passes_variants(kw):
+    """The decoder's per-coalition shortcuts (parts added only when present, one sample for the
+    empty coalition, one run per distinct coalition of a one-modality model) change nothing."""
+    model = _model(**kw)
+    img, tab = torch.randn(5, 2, 32, 32), torch.randn(5, 7)
+    with torch.no_grad():
+        fast, naive, full = model.coalitions(img, tab), naive_bmmqa_coalitions(model, img, tab), model(img, tab)
+    for key in naive:
+        assert set(fast[key]) == set(naive[key])
+        for t in fast[key]:
+            assert fast[key][t].shape == naive[key][t].shape
+            assert torch.allclose(fast[key][t], naive[key][t], atol=1e-6), (key, t)
+    for t in full:
+        assert torch.allclose(fast[("image", "table")][t], full[t], atol=1e-6)
 
 
 def test_attention_ignores_absent_modalities():
