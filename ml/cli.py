@@ -1,6 +1,8 @@
 """``python -m ml ...``: the core's command line (no dagster, no mlflow).
 
     python -m ml sample-data --out DIR [--studies N] [--seed S]     synthetic H&N DICOM studies with planted PHI
+    python -m ml psqa simulate --out DIR --plans N --seed S [--batch B] [--start S] [--workers W] [--truth FILE]
+                                                                  IMRT QA digital twin: plans, dose planes, QA CSV
 """
 
 from __future__ import annotations
@@ -56,6 +58,40 @@ def _bmmqa(args: argparse.Namespace) -> int:
     return 0
 
 
+def _psqa(args: argparse.Namespace) -> int:
+    import csv
+
+    import numpy as np
+
+    from ml.psqa.simulator import csv_name, simulate
+
+    out = Path(args.out).resolve()
+    truth = Path(args.truth).resolve() if args.truth else None
+    if truth is not None and (truth == out or out in truth.parents):
+        raise SystemExit("--truth must lie outside --out (the inbox must not hold the simulation truth)")
+    t0 = time.perf_counter()
+    summary = simulate(out, args.plans, seed=args.seed, batch=args.batch, start_index=args.start,
+                       workers=args.workers)
+    seconds = time.perf_counter() - t0
+    if truth is not None and summary:
+        truth.parent.mkdir(parents=True, exist_ok=True)
+        with open(truth, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(summary[0]), lineterminator="\n")
+            w.writeheader()
+            w.writerows(summary)
+    g = np.array([s["gpr_2_2"] for s in summary], float)
+    print(json.dumps({
+        "plans": len(summary), "patients": len({s["patient_id"] for s in summary}),
+        "files": int(sum(2 * s["n_beams"] + 3 for s in summary)) + 1,
+        "seconds": round(seconds, 2), "seconds_per_plan": round(seconds / max(len(summary), 1), 3),
+        "gpr_2_2_median": round(float(np.median(g)), 2) if g.size else None,
+        "fraction_gpr_2_2_below_90": round(float(np.mean(g < 90.0)), 4) if g.size else None,
+        "out": str(out), "qa_csv": str(out / "qa_results" / csv_name(args.batch, args.start)),
+        "truth": str(truth) if truth else None,
+    }))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ml", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,6 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--split", default="test")
     bm.add_argument("--model-json", default="", help='BMMQAConfig overrides, e.g. \'{"enc_widths": [16,32,64,128]}\'')
     bm.set_defaults(func=_bmmqa)
+
+    ps = sub.add_parser("psqa", help="patient-specific QA tools")
+    ps_sub = ps.add_subparsers(dest="psqa_cmd", required=True)
+    sim = ps_sub.add_parser("simulate", help="IMRT QA digital twin: RT Plan + planned/measured RT Dose + QA CSV")
+    sim.add_argument("--out", required=True, type=Path, help="inbox directory to write into")
+    sim.add_argument("--plans", type=int, default=20)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--batch", type=int, default=0, help="a new batch gives new patients, UIDs and CSV")
+    sim.add_argument("--start", type=int, default=0, help="first plan index within the batch")
+    sim.add_argument("--workers", type=int, default=None, help="processes (default: min(2, cpu count))")
+    sim.add_argument("--truth", type=Path, default=None,
+                     help="CSV of the hidden truth per plan (fault, machine state); must lie outside --out")
+    sim.set_defaults(func=_psqa)
     return parser
 
 

@@ -22,40 +22,51 @@ Planned dose
     Per-beam planes (128 x 128 at 2 mm by default, the QA "perpendicular field-by-field"
     geometry) from the TPS model ``DoseModel()``; the composite is their sum.
 
-Delivered ("measured") dose (``machine_state`` + ``delivered_beam``)
-    The same plan delivered on one of the clinic's three linacs, each a ``DoseModel`` that differs
-    from the TPS by its commissioning residuals, plus the state of the machine on the day:
+Delivered ("measured") dose (``machine_state``, ``delivered_beam``, ``plan_planes``)
+    The same plan delivered on one of the clinic's three linacs (``LINACS``), each a ``DoseModel``
+    that differs from the TPS by its commissioning residuals, in the state of the day:
 
-    * leaf positions: systematic bank offsets (per linac + per day) and per-leaf calibration
-      offsets, plus per-segment positioning jitter (only open pairs move; a pair whose leaves
-      cross is closed);
-    * dosimetric leaf gap and MLC transmission mismatch, primary kernel width (source size) and
-      head-scatter mismatch: they matter for narrow and small segments;
-    * tongue-and-groove (``tg_width_mm`` > 0 on the machine only; the TPS does not model it);
-    * MU: output drift per day (N(0, 0.7 %)), beam-to-beam jitter and a per-segment MU delivery
-      error (step-and-shoot beam on/off), which matters for low-MU segments;
-    * detector: the device's Gaussian response (``detector_sigma_mm``), noise proportional to the
-      local dose and a background term;
-    * rare gross faults (a few % of plans): a stuck (lagging) leaf group, a leaf bank offset of
-      1-2 mm, or a wrong output calibration.
+    * leaves: systematic bank offsets (per linac + N(0, 0.1 mm) per day), per-leaf calibration
+      offsets (N(0, 0.6 mm) per plan) and per-segment positioning jitter; only open pairs move and
+      a pair whose leaves cross is closed, so the dose error of a leaf error is its share of the
+      segment's width (narrow segments suffer most);
+    * beam model: dosimetric leaf gap larger than the TPS's (+0.6-0.8 mm), transmission, primary
+      kernel width (source size, +8-12 %) and head-scatter mismatch, which matter for narrow and
+      small segments;
+    * tongue-and-groove on the machine only (``tg_width_mm`` 0.25-0.35 mm): strips under
+      adjacent-leaf steps of segments;
+    * MU: output drift per plan (N(0, 0.5 %)), beam-to-beam jitter, and a per-segment MU error
+      (step-and-shoot beam hold: a linac bias + N(0, 0.05 MU)) that matters for low-MU segments;
+    * QA device: set-up shift (N(0, 0.5 mm) per plan + N(0, 0.2 mm) per beam), Gaussian detector
+      response (``detector_sigma_mm``), detectors on a 4 or 6 mm lattice whose readings carry the
+      array's fixed calibration pattern (0.5 %), noise (0.5-1 % of the local dose + 0.2 % of the
+      maximum) and are interpolated back onto the grid (linear or cubic);
+    * rare gross faults (~4 % of plans, ``SimConfig.p_*``): a leaf group that stops moving part-way
+      through every beam (stuck leaf), a leaf-bank offset of 1.5-2.5 mm, or an output calibration
+      error of 2.5-5 %.
 
-    None of these is drawn from the plan's complexity metrics: how much a plan suffers follows
-    from its segments (width, size, MU, adjacent-leaf steps) through the dose model only.
+    None of these is drawn from the plan's complexity: the errors of the day come from the rng
+    alone (``machine_state`` only reads the plan's array sizes and, for a stuck leaf, which pairs
+    it uses) and how much a plan suffers follows from its segments (width, area, MU, adjacent-leaf
+    steps, dose curvature) through the dose model. With the defaults, 200 plans give a 2%/2mm
+    composite GPR median of ~97 %, ~8 % of plans below 90 %, 3%/3mm above 95 % for ~97 % of plans,
+    and a Spearman correlation of ~0.35 between the 2%/2mm GPR and the plan's MCS.
 
 QA results
-    Gamma pass rates (``ml.metrics.gamma``, global, 10 % cutoff, reference = measured,
+    Gamma pass rates (``ml.metrics.gamma``, torch; global, 10 % cutoff, reference = measured,
     evaluated = planned) of the composite and of every beam at 3%/3mm, 3%/2mm and 2%/2mm, computed
-    on exactly the dose values the written files decode to, so ``ml.psqa.pack.compute_plan_qa``
-    reproduces them.
+    on exactly the dose values the written files decode to (composites = exact sums of the stored
+    beam planes), so ``ml.psqa.pack.compute_plan_qa`` reproduces them.
 
-Files (``simulate``), one study per plan, patients with 1-2 plans::
+Files (``simulate``), one study per plan, patients with 1-2 plans (``<PlanLabel>`` ends in the
+plan's number for the patient, e.g. ``HN_7F_2``)::
 
-    out_dir/<Family>_<PatientID>/<PlanLabel>_<k>/RP_<PlanLabel>.dcm          RTPLAN
-                                                 RD_planned_beam<N>.dcm      RTDOSE, BEAM
-                                                 RD_planned_plan.dcm         RTDOSE, PLAN
-                                                 RD_measured_beam<N>.dcm     RTDOSE, RECORD + beam ref
-                                                 RD_measured_plan.dcm        RTDOSE, RECORD (composite)
-    out_dir/qa_results/qa_export_<batch>[_<start>].csv                        QA_CSV_COLUMNS
+    out_dir/<Family>_<PatientID>/<PlanLabel>/RP_<PlanLabel>.dcm         RTPLAN
+                                             RD_planned_beam<N>.dcm     RTDOSE, BEAM (+ beam ref)
+                                             RD_planned_plan.dcm        RTDOSE, PLAN
+                                             RD_measured_beam<N>.dcm    RTDOSE, RECORD (+ beam ref)
+                                             RD_measured_plan.dcm       RTDOSE, RECORD (composite)
+    out_dir/qa_results/qa_export_<batch>[_<start>].csv                   QA_CSV_COLUMNS
 
 Every file carries planted PHI (``make_phi``) and deterministic UIDs (``_Uids``) like the synthetic
 CT studies; the pipeline de-identifies them. Output is a deterministic function of
@@ -79,6 +90,7 @@ from ml.data.sample_data import PlantedPHI, _Uids, make_phi
 from ml.psqa.dose_model import DoseModel, beam_dose
 from ml.psqa.plan import Beam, ControlPoint, Plan
 from ml.psqa.rt_writers import (
+    DOSE_GRID_SCALING,
     StudyHeader,
     quantise_dose,
     rt_dose_dataset,
@@ -92,12 +104,16 @@ __all__ = [
     "SITES",
     "LINACS",
     "QA_CRITERIA",
+    "NOISELESS",
     "SimConfig",
+    "Site",
     "Linac",
     "MachineState",
     "draw_plan",
     "machine_state",
+    "perfect_state",
     "delivered_beam",
+    "plan_planes",
     "simulate_plan",
     "simulate",
     "csv_name",
@@ -157,9 +173,9 @@ class Linac:
 
 
 LINACS: tuple[Linac, ...] = (
-    Linac("LINAC_A", "PSQA ArrayQA-2D SN10421", 1.30, 0.001, 1.08, 0.115, 0.20, 0.05, 0.10, 1.0, 0.03, 2, 1),
-    Linac("LINAC_B", "PSQA ArrayQA-2D SN10577", 1.70, 0.002, 1.12, 0.120, 0.25, -0.10, 0.05, 1.2, 0.06, 2, 1),
-    Linac("LINAC_C", "PSQA DiodeMatrix SN3090", 1.40, -0.001, 1.10, 0.110, 0.18, 0.00, -0.05, 1.2, 0.04, 3, 3),
+    Linac("LINAC_A", "PSQA ArrayQA-2D SN10421", 0.60, 0.001, 1.08, 0.115, 0.30, 0.05, 0.10, 1.0, 0.01, 2, 1),
+    Linac("LINAC_B", "PSQA ArrayQA-2D SN10577", 0.80, 0.002, 1.12, 0.120, 0.35, -0.10, 0.05, 1.2, 0.02, 2, 1),
+    Linac("LINAC_C", "PSQA DiodeMatrix SN3090", 0.60, -0.001, 1.10, 0.110, 0.25, 0.00, -0.05, 1.2, -0.01, 3, 3),
 )
 
 
@@ -170,8 +186,8 @@ class SimConfig:
     size: int = 128
     spacing_mm: float = 2.0
     # leaves
-    bank_day_sd_mm: float = 0.15  # per plan (day) systematic bank offset, per bank
-    leaf_sd_mm: float = 0.5  # per-leaf calibration offset (per plan)
+    bank_day_sd_mm: float = 0.1  # per plan (day) systematic bank offset, per bank
+    leaf_sd_mm: float = 0.6  # per-leaf calibration offset (per plan)
     leaf_jitter_sd_mm: float = 0.2  # per segment and leaf
     # beam model
     dlg_day_sd_mm: float = 0.1
@@ -187,7 +203,7 @@ class SimConfig:
     # detector
     noise_rel: tuple[float, float] = (0.005, 0.01)  # range of the per-plan relative noise sd
     noise_background: float = 0.002  # sd as a fraction of the beam's maximum
-    calibration_sd: float = 0.006  # relative sensitivity spread of the array's detectors (fixed per device)
+    calibration_sd: float = 0.005  # relative sensitivity spread of the array's detectors (fixed per device)
     # gross faults: probability per plan of each kind
     p_stuck_leaf: float = 0.015
     p_bank_offset: float = 0.015
@@ -318,8 +334,9 @@ def draw_plan(rng: np.random.Generator, label_prefix: str = "") -> tuple[Plan, d
     start = float(rng.choice([0.0, 180.0 / n_beams])) if n_beams % 2 else 0.0
     gantries = [round((start + 360.0 * i / n_beams) % 360.0, 1) for i in range(n_beams)]
     dpf = rx / fx
-    # MU per beam: the beam's share of the dose per fraction at the target's mean level, 6 MV at the
-    # QA depth (gy_per_mu), with a field-size dependent efficiency and a planner's normalisation.
+    # MU per level: the beam's share of the dose per fraction at the map's mean level (6 MV, gy_per_mu at
+    # the QA depth), corrected for the target depth in the patient and the planner's normalisation; so
+    # the more levels a beam's sweep needs (modulation), the more MU it gets.
     norm = float(rng.uniform(0.9, 1.15))
     depth = float(rng.uniform(1.1, 1.5))  # target depth / attenuation in the patient vs the QA depth
     beams: list[Beam] = []
@@ -334,8 +351,9 @@ def draw_plan(rng: np.random.Generator, label_prefix: str = "") -> tuple[Plan, d
     plan = Plan(label=label[:16], beams=beams, prescription_gy=rx, fractions=fx,
                 meta={"site": site.code, "shape": target.shape, "levels": k_levels, "bixel_mm": bixel,
                       "modulation": modulation})
-    return plan, {"site": site.code, "shape": target.shape, "k_levels": k_levels, "bixel_mm": bixel,
-                  "texture_mm": round(texture[0], 2), "texture_amp": round(texture[1], 3), "target_mm": round(2 * max(target.a, target.b, target.c), 1), "prescription_gy": rx,
+    return plan, {"site": site.code, "shape": target.shape, "target_mm": round(2 * max(target.a, target.b, target.c), 1),
+                  "k_levels": k_levels, "bixel_mm": bixel, "modulation": round(modulation, 3),
+                  "texture_mm": round(texture[0], 2), "texture_amp": round(texture[1], 3), "prescription_gy": rx,
                   "fractions": fx}
 
 
@@ -400,7 +418,7 @@ def machine_state(rng: np.random.Generator, plan: Plan, cfg: SimConfig = SimConf
         detail = f"bank {bank} pairs {stuck[0] + 1}-{stuck[-1] + 1} stop after {frac:.0%} of the segments"
     elif u < cfg.p_stuck_leaf + cfg.p_bank_offset:
         fault = "bank_offset"
-        off = float(rng.uniform(1.0, 2.0)) * (1 if rng.random() < 0.5 else -1)
+        off = float(rng.uniform(1.5, 2.5)) * (1 if rng.random() < 0.5 else -1)
         if rng.random() < 0.5:
             bank_a += off
             detail = f"bank A {off:+.2f} mm"
@@ -532,19 +550,82 @@ def _criterion(dp: int, dta: int) -> str:
     return f"{dp:g}%/{dta:g}mm"
 
 
+def perfect_state(plan: Plan) -> MachineState:
+    """A machine identical to the TPS model, measured by an ideal detector (no error of any kind)."""
+    ideal = Linac("IDEAL", "PSQA ideal detector SN0", 0.0, 0.0, 1.0, _TPS.head_scatter_amplitude, 0.0, 0.0, 0.0,
+                  0.0, 0.0, 1, 1)
+    n_beams, n_pairs = len(plan.beams), plan.beams[0].n_pairs
+    return MachineState(linac=ideal, model=_TPS, bank_a_mm=0.0, bank_b_mm=0.0, leaf_a_mm=np.zeros(n_pairs),
+                        leaf_b_mm=np.zeros(n_pairs), output=0.0, beam_output=np.zeros(n_beams), noise_rel=0.0,
+                        setup_mm=np.zeros((n_beams, 2)), fault="", fault_detail="")
+
+
+#: a ``SimConfig`` without any random delivery or detector error (for ``perfect_state`` checks)
+NOISELESS = SimConfig(leaf_jitter_sd_mm=0.0, segment_mu_sd=0.0, noise_background=0.0, calibration_sd=0.0)
+
+
+def plan_planes(plan: Plan, state: MachineState, rng: np.random.Generator,
+                cfg: SimConfig = SimConfig()) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """``({beam: planned plane}, {beam: measured plane})`` in Gy (unquantised): the TPS model's
+    planes and what the QA device reports for the delivery of ``state``."""
+    planned, measured = {}, {}
+    for i, beam in enumerate(plan.beams):
+        planned[beam.number] = beam_dose(beam, _TPS, cfg.size, cfg.spacing_mm)
+        delivered = delivered_beam(beam, state, rng, i, cfg)
+        measured[beam.number] = _measure(beam_dose(delivered, state.model, cfg.size, cfg.spacing_mm), state, rng, cfg)
+    return planned, measured
+
+
+def _gy(stored: np.ndarray) -> np.ndarray:
+    """The float32 Gy values ``ml.psqa.pack`` decodes a stored plane to."""
+    return (stored.astype(np.float64) * DOSE_GRID_SCALING).astype(np.float32)
+
+
+def _write_plan_files(plan_dir: Path, plan: Plan, header: StudyHeader, uid, key: tuple, planned_st: dict,
+                      measured_st: dict, planned_comp: np.ndarray, measured_comp: np.ndarray, *, plan_date, plan_time,
+                      qa_date, qa_time, device: str, spacing_mm: float) -> list[Path]:
+    plan_uid = plan.sop_instance_uid
+    # BeamDose: each beam's mean planned dose over the composite's high-dose region (the dose reference)
+    pc = _gy(planned_comp)
+    high = pc >= 0.9 * float(pc.max())
+    beam_doses = {n: float(_gy(st)[high].mean()) for n, st in planned_st.items()}
+    ds = rt_plan_dataset(plan, header, sop_uid=plan_uid, series_uid=uid("plan-series", *key), plan_date=plan_date,
+                         plan_time=plan_time, dose_reference_uid=uid("dose-reference", *key), beam_doses_gy=beam_doses)
+    written = [write_dataset(ds, plan_dir / f"RP_{plan.label}.dcm")]
+    items = [(f"RD_planned_beam{n}.dcm", st, n, "BEAM", False) for n, st in planned_st.items()]
+    items.append(("RD_planned_plan.dcm", planned_comp, None, "PLAN", False))
+    items += [(f"RD_measured_beam{n}.dcm", st, n, "RECORD", True) for n, st in measured_st.items()]
+    items.append(("RD_measured_plan.dcm", measured_comp, None, "RECORD", True))
+    for k, (name, st, beam_no, summation, measured) in enumerate(items):
+        role = "measured" if measured else "planned"
+        rd = rt_dose_dataset(st, header, sop_uid=uid("dose", *key, name), series_uid=uid(role, *key),
+                             series_number=3 if measured else 2, instance_number=k + 1, plan_sop_uid=plan_uid,
+                             beam_number=beam_no, summation=summation, spacing_mm=spacing_mm,
+                             content_date=qa_date if measured else plan_date,
+                             content_time=qa_time if measured else plan_time, measured=measured,
+                             device=device if measured else "")
+        written.append(write_dataset(rd, plan_dir / name))
+    keep = {p.name for p in written}
+    for stale in [*plan_dir.glob("RP_*.dcm"), *plan_dir.glob("RD_*.dcm")]:  # left by an earlier run
+        if stale.name not in keep:
+            stale.unlink()
+    return written
+
+
 def simulate_plan(task: _Task) -> dict:
     """Generate, deliver, measure and (optionally) write one plan; returns its summary and CSV rows."""
     cfg = task.cfg
     seed, batch, j = task.seed, task.batch, task.index
     phi = _phi(seed, batch, task.patient)
     uid = _Uids(_tag(f"qa-sim/{seed}/{batch}"), phi)
-    prng = _rng(seed, batch, task.patient, "patient")
-    sex = "F" if prng.random() < 0.4 else "M"
+    key = (batch, j)
+    sex = "F" if _rng(seed, batch, task.patient, "patient").random() < 0.4 else "M"
     plan, info = draw_plan(_rng(seed, batch, j, "plan"))
     state = machine_state(_rng(seed, batch, j, "machine"), plan, cfg)
     for b in plan.beams:
         b.treatment_machine = state.linac.name
     plan.label = f"{plan.label[:13]}_{task.plan_of_patient + 1}"
+    plan.sop_instance_uid = uid("plan", *key)
 
     drng = _rng(seed, batch, j, "dates")
     plan_date = _dt.date(2019, 1, 1) + _dt.timedelta(days=int(drng.integers(0, 1800)))
@@ -552,57 +633,28 @@ def simulate_plan(task: _Task) -> dict:
     qa_date = plan_date + _dt.timedelta(days=int(drng.integers(1, 6)))
     qa_time = f"{int(drng.integers(17, 22)):02d}{int(drng.integers(0, 60)):02d}{int(drng.integers(0, 60)):02d}"
 
-    # planned and delivered planes (decoded exactly as the files will be read back)
-    size, sp = cfg.size, cfg.spacing_mm
-    dlv_rng = _rng(seed, batch, j, "delivery")
-    noise_rng = _rng(seed, batch, j, "detector")
-    planned_st, measured_st = {}, {}
-    for i, beam in enumerate(plan.beams):
-        planned_st[beam.number] = quantise_dose(beam_dose(beam, _TPS, size, sp))[0]
-        dbeam = delivered_beam(beam, state, dlv_rng, i, cfg)
-        measured_st[beam.number] = quantise_dose(_measure(beam_dose(dbeam, state.model, size, sp), state, noise_rng,
-                                                          cfg))[0]
-    planned_comp_st = np.sum([v.astype(np.uint64) for v in planned_st.values()], axis=0).astype(np.uint32)
-    measured_comp_st = np.sum([v.astype(np.uint64) for v in measured_st.values()], axis=0).astype(np.uint32)
+    # planes as stored (uint32, DoseGridScaling 1e-6); composites are the exact sums of the beams
+    planned, measured = plan_planes(plan, state, _rng(seed, batch, j, "delivery"), cfg)
+    planned_st = {n: quantise_dose(d)[0] for n, d in planned.items()}
+    measured_st = {n: quantise_dose(d)[0] for n, d in measured.items()}
+    planned_comp = np.sum([v.astype(np.uint64) for v in planned_st.values()], axis=0).astype(np.uint32)
+    measured_comp = np.sum([v.astype(np.uint64) for v in measured_st.values()], axis=0).astype(np.uint32)
 
-    def gy(st):
-        return (st.astype(np.float64) * 1e-6).astype(np.float32)
-
-    comp_gpr = _gpr(gy(measured_comp_st), gy(planned_comp_st), sp)
-    pc, mc = gy(planned_comp_st).astype(np.float64), gy(measured_comp_st).astype(np.float64)
+    # gamma on exactly what the files decode to (reference = measured, evaluated = planned)
+    comp_gpr = _gpr(_gy(measured_comp), _gy(planned_comp), cfg.spacing_mm)
+    beam_gpr = {n: _gpr(_gy(measured_st[n]), _gy(planned_st[n]), cfg.spacing_mm) for n in planned_st}
+    pc, mc = _gy(planned_comp).astype(np.float64), _gy(measured_comp).astype(np.float64)
     high = pc >= 0.5 * pc.max()
-    dd_high = (mc[high] - pc[high]) / pc.max() * 100.0
-    mean_dd = float(dd_high.mean()) if high.any() else 0.0
-    sd_dd = float(dd_high.std()) if high.any() else 0.0
-    beam_gpr = {n: _gpr(gy(measured_st[n]), gy(planned_st[n]), sp) for n in planned_st}
+    dd_high = (mc[high] - pc[high]) / max(float(pc.max()), 1e-12) * 100.0
 
     patient_folder = f"{phi.family_name}_{phi.patient_id}"
-    plan_folder = f"{plan.label}"
-    plan_dir = Path(task.out_dir) / patient_folder / plan_folder
-    plan_uid = uid("plan", batch, j)
-    plan.sop_instance_uid = plan_uid
+    plan_dir = Path(task.out_dir) / patient_folder / plan.label
     if task.write:
-        header = StudyHeader(phi=phi, study_uid=uid("study", batch, j), frame_of_reference_uid=uid("for", batch, j),
+        header = StudyHeader(phi=phi, study_uid=uid("study", *key), frame_of_reference_uid=uid("frame", *key),
                              study_date=plan_date, study_time=plan_time, sex=sex)
-        beam_doses = {n: float(gy(st)[size // 2 - 5:size // 2 + 5, size // 2 - 5:size // 2 + 5].mean())
-                      for n, st in planned_st.items()}
-        ds = rt_plan_dataset(plan, header, sop_uid=plan_uid, series_uid=uid("plan-series", batch, j),
-                             plan_date=plan_date, plan_time=plan_time, dose_reference_uid=uid("doseref", batch, j),
-                             beam_doses_gy=beam_doses)
-        write_dataset(ds, plan_dir / f"RP_{plan.label}.dcm")
-        common = dict(plan_sop_uid=plan_uid, spacing_mm=sp)
-        items = [(f"RD_planned_beam{n}.dcm", st, n, "BEAM", False) for n, st in planned_st.items()]
-        items.append(("RD_planned_plan.dcm", planned_comp_st, None, "PLAN", False))
-        items += [(f"RD_measured_beam{n}.dcm", st, n, "RECORD", True) for n, st in measured_st.items()]
-        items.append(("RD_measured_plan.dcm", measured_comp_st, None, "RECORD", True))
-        for k, (name, st, beam_no, summation, measured) in enumerate(items):
-            role = "measured" if measured else "planned"
-            rd = rt_dose_dataset(st, header, sop_uid=uid("dose", batch, j, name), series_uid=uid(role, batch, j),
-                                 series_number=3 if measured else 2, instance_number=k + 1, beam_number=beam_no,
-                                 summation=summation, content_date=qa_date if measured else plan_date,
-                                 content_time=qa_time if measured else plan_time, measured=measured,
-                                 device=state.linac.device if measured else "", **common)
-            write_dataset(rd, plan_dir / name)
+        _write_plan_files(plan_dir, plan, header, uid, key, planned_st, measured_st, planned_comp, measured_comp,
+                          plan_date=plan_date, plan_time=plan_time, qa_date=qa_date, qa_time=qa_time,
+                          device=state.linac.device, spacing_mm=cfg.spacing_mm)
 
     measured_on = f"{qa_date.isoformat()} {qa_time[:2]}:{qa_time[2:4]}"
     rows = []
@@ -610,21 +662,22 @@ def simulate_plan(task: _Task) -> dict:
         for dp, dta in QA_CRITERIA:
             c = _criterion(dp, dta)
             rows.append({"PatientID": phi.patient_id, "PatientName": phi.patient_name, "PlanLabel": plan.label,
-                         "PlanSOPInstanceUID": plan_uid, "BeamNumber": beam_no, "Criterion": c,
+                         "PlanSOPInstanceUID": plan.sop_instance_uid, "BeamNumber": beam_no, "Criterion": c,
                          "GPR": f"{g[c]:.1f}", "Device": state.linac.device, "MeasuredOn": measured_on})
     summary = {
-        "index": j, "batch": batch, "patient_id": phi.patient_id, "patient_folder": patient_folder,
-        "plan_folder": plan_folder, "plan_uid": plan_uid, "label": plan.label, **info,
-        "n_beams": len(plan.beams), "total_mu": round(plan.total_mu, 2),
-        "n_segments": int(sum(len(b.control_points) // 2 for b in plan.beams)),
-        "linac": state.linac.name,
+        "batch": batch, "index": j, "patient_id": phi.patient_id, "patient_folder": patient_folder,
+        "plan_folder": f"{patient_folder}/{plan.label}", "plan_uid": plan.sop_instance_uid, "label": plan.label,
+        **info, "n_beams": len(plan.beams), "total_mu": round(plan.total_mu, 2),
+        "n_segments": int(sum(len(b.apertures()) for b in plan.beams)), "linac": state.linac.name,
         "gpr_3_3": round(comp_gpr["3%/3mm"], 2), "gpr_3_2": round(comp_gpr["3%/2mm"], 2),
         "gpr_2_2": round(comp_gpr["2%/2mm"], 2),
         "min_beam_gpr_2_2": round(min(g["2%/2mm"] for g in beam_gpr.values()), 2),
-        "mean_dd_pct": round(mean_dd, 3), "sd_dd_pct": round(sd_dd, 3),
+        "mean_dd_pct": round(float(dd_high.mean()), 3) if dd_high.size else 0.0,
+        "sd_dd_pct": round(float(dd_high.std()), 3) if dd_high.size else 0.0,
         "fault": state.fault or "none", "fault_detail": state.fault_detail,
         "output_error": round(state.output, 5), "bank_a_mm": round(state.bank_a_mm, 3),
         "bank_b_mm": round(state.bank_b_mm, 3), "dlg_mm": round(state.model.dlg_mm, 3),
+        "tg_width_mm": round(state.model.tg_width_mm, 3),
     }
     return {"summary": summary, "rows": rows}
 
@@ -646,7 +699,9 @@ def _plans_of_patients(seed: int, batch: int, start: int, n: int) -> list[tuple[
 
 
 def csv_name(batch: int, start_index: int = 0) -> str:
-    return f"qa_export_{int(batch):03d}.csv" if not start_index else f"qa_export_{int(batch):03d}_{int(start_index):06d}.csv"
+    """``qa_export_<batch>.csv`` (``qa_export_<batch>_<start>.csv`` for a chunk not starting at plan 0)."""
+    name = f"qa_export_{int(batch):03d}"
+    return f"{name}.csv" if not start_index else f"{name}_{int(start_index):06d}.csv"
 
 
 def _init_worker() -> None:
