@@ -36,6 +36,8 @@ dev: install
 
 bench: install
 	$(PY) benchmarks/ingest.py
+	$(PY) benchmarks/gamma.py
+	$(PY) benchmarks/shapley.py
 
 constraints:
 	rm -rf /tmp/psqa-constraints-venv && $(PYTHON) -m venv /tmp/psqa-constraints-venv
