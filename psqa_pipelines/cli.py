@@ -42,7 +42,7 @@ DEMO_TRAINING = {"epochs": 8, "batch_size": 16, "patience": 50, "warmup_epochs":
                  "dec_widths": [8, 8, 8, 8]}
 
 
-def demo(home: Path, studies: int, with_shared: bool, qa_plans: int = 100) -> int:
+def demo(home: Path, studies: int, with_shared: bool, qa_plans: int = 60) -> int:
     import dagster as dg
 
     from ml.data.sample_data import generate_hn_cohort
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo")
     d.add_argument("--studies", type=int, default=3)
     d.add_argument("--no-shared", action="store_true", help="do not copy ../shared samples (BraTS, 2 OpenKBP patients)")
-    d.add_argument("--qa-plans", type=int, default=100, help="simulated QA plans for the PSQA stage (0: skip it)")
+    d.add_argument("--qa-plans", type=int, default=60, help="simulated QA plans for the PSQA stage (0: skip it)")
     v = sub.add_parser("dev")
     v.add_argument("--dagster-port", type=int, default=3000)
     v.add_argument("--mlflow-port", type=int, default=5000)
