@@ -62,18 +62,12 @@ def inbox_sensor(context: dg.SensorEvaluationContext, storage: PsqaStorage, deid
             job_name=ingest_study_job.name, partition_key=key, run_key=f"{key}:{fp}",
             tags={"psqa/source": group.source},
         ))
-    unattributed = [ref for s in scan.scans.values() for ref in s.unattributed]
-    if unattributed:
-        fp = fingerprint(unattributed)
-        if fp != cursor["triage"]:
-            requests.append(dg.RunRequest(job_name=inbox_triage_job.name, run_key=f"triage:{fp}"))
-            cursor["triage"] = fp
-    qa_tables = [ref for s in scan.scans.values() for ref in s.qa_tables]
-    if qa_tables:
-        fp = fingerprint(qa_tables)
-        if fp != cursor["qa_results"]:
-            requests.append(dg.RunRequest(job_name=qa_results_job.name, run_key=f"qa_results:{fp}"))
-            cursor["qa_results"] = fp
+    # one run per distinct set of loose files: unattributable files -> triage, QA exports -> qa_results
+    for cursor_key, job, attr in (("triage", inbox_triage_job, "unattributed"), ("qa_results", qa_results_job, "qa_tables")):
+        files = [ref for s in scan.scans.values() for ref in getattr(s, attr)]
+        if files and (fp := fingerprint(files)) != cursor[cursor_key]:
+            requests.append(dg.RunRequest(job_name=job.name, run_key=f"{cursor_key}:{fp}"))
+            cursor[cursor_key] = fp
     summary = scan.summary()
     context.log.info(f"scan: {json.dumps(summary, sort_keys=True)}; new partitions: {len(new_keys)}; "
                      f"runs requested: {len(requests)}")
