@@ -3,6 +3,11 @@
     python -m ml sample-data --out DIR [--studies N] [--seed S]     synthetic H&N DICOM studies with planted PHI
     python -m ml psqa simulate --out DIR --plans N --seed S [--batch B] [--start S] [--workers W] [--truth FILE]
                                                                   IMRT QA digital twin: plans, dose planes, QA CSV
+    python -m ml contour-dose pack --data DIR --out CACHE                OpenKBP pt_N/ folders -> compact cache
+    python -m ml contour-dose train --data DIR --out MODEL_DIR [--model multi-automated|dose-only|...]
+                                    [--device cuda] [--max-minutes N]  DIR: a cache or OpenKBP pt_N/ folders
+    python -m ml contour-dose predict --data DIR --model MODEL_DIR --out PRED_DIR [--tta]
+                                                                  one pt_N.csv per patient (submission format)
 """
 
 from __future__ import annotations
@@ -92,6 +97,40 @@ def _psqa(args: argparse.Namespace) -> int:
     return 0
 
 
+def _contour_dose(args: argparse.Namespace) -> int:
+    from ml.contour_dose import cache as C
+
+    if args.cd_cmd == "pack":
+        t0 = time.perf_counter()
+        index, skipped = C.pack_openkbp_dir(args.data, args.out, require_dose=not args.allow_missing_dose)
+        print(json.dumps({"patients": len(index), "skipped": len(skipped), "bytes": int(index["bytes"].sum()),
+                          "seconds": round(time.perf_counter() - t0, 1), "out": str(Path(args.out).resolve())}))
+        return 0
+    if args.cd_cmd == "train":
+        from ml.contour_dose.train import TrainConfig, train
+
+        data = Path(args.data)
+        if not (data / "meta.json").exists():  # raw OpenKBP folders: pack them next to the model first
+            cache_dir = Path(args.out) / "cache"
+            if not (cache_dir / "meta.json").exists():
+                C.pack_openkbp_dir(data, cache_dir)
+            data = cache_dir
+        cfg = TrainConfig(variant=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                          steps_per_epoch=args.steps_per_epoch, seed=args.seed, device=args.device,
+                          max_minutes=args.max_minutes, patience=args.patience, augment=not args.no_augment,
+                          widths=tuple(int(w) for w in args.widths.split(",")), val_patients=args.val_patients,
+                          contour_model=str(args.contour_model) if args.contour_model else None)
+        metrics = train(data, args.out, cfg, split=args.split)
+        print(json.dumps(metrics, default=float))
+        return 0
+    from ml.contour_dose.predict import predict_openkbp_dir
+
+    summary = predict_openkbp_dir(args.model, args.data, args.out, device=args.device, tta_flip=args.tta)
+    print(json.dumps({"patients": int((summary["status"] == "ok").sum()),
+                      "skipped": int((summary["status"] != "ok").sum()), "out": str(Path(args.out).resolve())}))
+    return 0 if (summary["status"] == "ok").any() else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ml", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -137,6 +176,40 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--truth", type=Path, default=None,
                      help="CSV of the hidden truth per plan (fault, machine state); must lie outside --out")
     sim.set_defaults(func=_psqa)
+
+    cd = sub.add_parser("contour-dose", help="CTAN contour + dose models on OpenKBP-format data")
+    cd_sub = cd.add_subparsers(dest="cd_cmd", required=True)
+    pk = cd_sub.add_parser("pack", help="OpenKBP pt_N/ folders -> compact training cache")
+    pk.add_argument("--data", required=True, type=Path)
+    pk.add_argument("--out", required=True, type=Path)
+    pk.add_argument("--allow-missing-dose", action="store_true", help="keep patients without dose (prediction only)")
+    pk.set_defaults(func=_contour_dose)
+    tr = cd_sub.add_parser("train", help="train (or resume) one model variant")
+    tr.add_argument("--data", required=True, type=Path, help="a cache directory or OpenKBP pt_N/ folders")
+    tr.add_argument("--out", required=True, type=Path, help="model directory (resumes from its checkpoint)")
+    tr.add_argument("--model", default="multi-automated",
+                    choices=["dose-only", "contour-only", "seq-human", "seq-automated", "multi-automated", "product"])
+    tr.add_argument("--contour-model", type=Path, default=None, help="seq-automated: trained contour-only model dir")
+    tr.add_argument("--split", type=Path, default=None, help="parquet/csv (patient_id, split); default: seeded split")
+    tr.add_argument("--epochs", type=int, default=100)
+    tr.add_argument("--steps-per-epoch", type=int, default=None)
+    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--lr", type=float, default=1e-4)
+    tr.add_argument("--widths", default="32,64,128,256,512")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--patience", type=int, default=20)
+    tr.add_argument("--val-patients", type=int, default=None)
+    tr.add_argument("--no-augment", action="store_true")
+    tr.add_argument("--device", default="auto")
+    tr.add_argument("--max-minutes", type=float, default=None)
+    tr.set_defaults(func=_contour_dose)
+    pr = cd_sub.add_parser("predict", help="OpenKBP pt_N/ folders -> PRED_DIR/pt_N.csv (+ contours)")
+    pr.add_argument("--data", required=True, type=Path)
+    pr.add_argument("--model", required=True, type=Path)
+    pr.add_argument("--out", required=True, type=Path)
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--tta", action="store_true", help="average with the left/right-flipped prediction")
+    pr.set_defaults(func=_contour_dose)
     return parser
 
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +54,7 @@ from ml.metrics.image import ssim
 from ml.psqa.bmmqa import BMMQA, MODALITIES, BMMQAConfig
 from ml.psqa.dataset import CRITERIA, LABEL_COLUMNS, PRIMARY, Pack, TabularScaler, load_pack
 from ml.psqa.shapley import coalition_shapley, task_errors
+from ml.utils.torch_utils import resolve_device, rng_state, set_rng_state, set_seed
 
 VARIANTS: dict[str, dict] = {
     "bmmqa": {"model": {}, "balance": True},
@@ -91,22 +91,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def build_model(cfg: TrainConfig, n_tab: int, in_channels: int, n_criteria: int) -> BMMQA:
@@ -287,9 +271,7 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainCon
             balancer.load(ck["balancer"])
             history = ck["history"]
             start_epoch, best, best_epoch, stale = ck["epoch"] + 1, ck["best"], ck["best_epoch"], ck["stale"]
-            torch.set_rng_state(ck["rng"]["torch"])
-            np.random.set_state(ck["rng"]["numpy"])
-            random.setstate(ck["rng"]["python"])
+            set_rng_state(ck["rng"])
             log(f"resumed from epoch {ck['epoch']} (best {best:.4f} at epoch {best_epoch})")
         else:
             log("checkpoint belongs to another configuration: starting over")
@@ -427,7 +409,7 @@ def _save_checkpoint(path: Path, model, opt, sched, balancer, history, epoch, be
         "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
         "balancer": balancer.state(), "history": history, "epoch": epoch, "best": best, "best_epoch": best_epoch,
         "stale": stale, "train_config": cfg.to_dict(),
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        "rng": rng_state(),
     }
     with atomic_path(path, suffix=".pt") as tmp:
         torch.save(state, tmp)
