@@ -35,6 +35,19 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from ml.data.dicom.writers import (
+    CT_IMAGE_STORAGE,
+    DOSE_GRID_SCALING,
+    RT_DOSE_STORAGE,
+    RT_PLAN_STORAGE,
+    RT_STRUCT_STORAGE,
+    STUDY_COMPONENT_SOP_CLASS,
+    file_meta,
+    quantise_dose,
+    set_rt_dose_grid,
+    write_dataset,
+)
+
 __all__ = [
     "ROI_NAMES",
     "PlantedPHI",
@@ -66,11 +79,8 @@ _ROI_COLORS = {
 }
 _ROI_TYPES = {"BODY": "EXTERNAL", "PTV70": "PTV", "PTV56": "PTV"}
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-RT_STRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
-RT_DOSE_STORAGE = "1.2.840.10008.5.1.4.1.1.481.2"
-RT_PLAN_STORAGE = "1.2.840.10008.5.1.4.1.1.481.5"
-_STUDY_COMPONENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"  # conventional in RTReferencedStudySequence
+# SOP classes and the DoseGridScaling live in ml.data.dicom.writers (re-exported here)
+_STUDY_COMPONENT_SOP_CLASS = STUDY_COMPONENT_SOP_CLASS
 
 PRIVATE_GROUP = 0x0009
 PRIVATE_CREATOR = "PSQA_TEST"
@@ -79,7 +89,7 @@ _CANON_FOV_XY_MM = 240.0  # the canonical anatomy fits a 240 mm square field of 
 _CANON_FOV_Z_MM = 192.0  # ... and 192 mm of scan length
 _ELLIPSE_VERTICES = 96
 _MIN_SEMI_AXIS_MM = 1.5  # cross-sections smaller than this are not contoured
-_DOSE_GRID_SCALING = 1e-6  # Gy per stored unit (70 Gy -> 7e7 < 2**32)
+_DOSE_GRID_SCALING = DOSE_GRID_SCALING  # Gy per stored unit (70 Gy -> 7e7 < 2**32)
 
 
 # ----------------------------------------------------------------------------------------
@@ -588,18 +598,10 @@ def _base_dataset(
     study_time: str,
     sex: str,
 ):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "PSQA_SAMPLE_1"
+    from pydicom.dataset import Dataset
 
     ds = Dataset()
-    ds.file_meta = meta
+    ds.file_meta = file_meta(sop_class, sop_uid, "PSQA_SAMPLE_1")
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_uid
@@ -673,7 +675,6 @@ def generate_hn_study(
     ``RTSTRUCT/`` and ``RTDOSE/``; ``*.dcm`` files already in those subfolders are removed.
     """
     from pydicom.dataset import Dataset
-    from pydicom.tag import Tag
 
     if matrix < 16 or n_slices < 4:
         raise ValueError("need matrix >= 16 and n_slices >= 4")
@@ -785,7 +786,7 @@ def generate_hn_study(
         ds.PixelData = np.ascontiguousarray(stored[k]).astype("<i2").tobytes()
         ds["PixelData"].VR = "OW"
         path = ct_dir / f"CT.{phi.patient_id}.{inst:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
+        write_dataset(ds, path)
         ct_files.append(path)
 
     # -- RTSTRUCT -------------------------------------------------------------------------
@@ -865,7 +866,7 @@ def generate_hn_study(
         rs_dir = study_dir / "RTSTRUCT"
         _clear_dir(rs_dir, "*.dcm")
         rs_file = rs_dir / f"RS.{phi.patient_id}.dcm"
-        ds.save_as(rs_file, enforce_file_format=True)
+        write_dataset(ds, rs_file)
 
     # -- RTDOSE ---------------------------------------------------------------------------
     rd_file: Path | None = None
@@ -891,8 +892,7 @@ def generate_hn_study(
         )
         dose = fine[:, ::step, ::step]
         dps = step * ps
-        stored_d = np.rint(dose / _DOSE_GRID_SCALING).astype(np.uint32)
-        dose_gy = stored_d.astype(np.float64) * _DOSE_GRID_SCALING
+        stored_d, dose_gy = quantise_dose(dose, _DOSE_GRID_SCALING)
         dose_origin = (float(xs[i0]), float(ys[j0]), float(zs[0]))
         dose_spacing = (dps, dps, st)
 
@@ -907,29 +907,19 @@ def generate_hn_study(
             series_number=4,
             **common,
         )
-        ds.SliceThickness = _fmt(st)
         ds.InstanceNumber = 1
-        ds.ImagePositionPatient = [_fmt(dose_origin[0]), _fmt(dose_origin[1]), z_str[0]]
-        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-        ds.FrameOfReferenceUID = for_uid
-        ds.PositionReferenceIndicator = ""
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.NumberOfFrames = n_slices
-        ds.FrameIncrementPointer = Tag(0x3004, 0x000C)
-        ds.Rows = nrow
-        ds.Columns = ncol
-        ds.PixelSpacing = [_fmt(dps), _fmt(dps)]
-        ds.BitsAllocated = 32
-        ds.BitsStored = 32
-        ds.HighBit = 31
-        ds.PixelRepresentation = 0
-        ds.DoseUnits = "GY"
-        ds.DoseType = "PHYSICAL"
-        ds.DoseSummationType = "PLAN"
-        ds.TissueHeterogeneityCorrection = "IMAGE"
-        ds.GridFrameOffsetVector = [_fmt(z - zs[0]) for z in zs]
-        ds.DoseGridScaling = "1e-06"
+        set_rt_dose_grid(
+            ds,
+            stored_d,
+            position=[_fmt(dose_origin[0]), _fmt(dose_origin[1]), z_str[0]],
+            orientation=["1", "0", "0", "0", "1", "0"],
+            pixel_spacing=[_fmt(dps), _fmt(dps)],
+            frame_offsets=[_fmt(z - zs[0]) for z in zs],
+            slice_thickness=_fmt(st),
+            dose_grid_scaling="1e-06",
+            frame_of_reference_uid=for_uid,
+            summation_type="PLAN",
+        )
         plan_ref = Dataset()
         plan_ref.ReferencedSOPClassUID = RT_PLAN_STORAGE
         plan_ref.ReferencedSOPInstanceUID = plan_uid
@@ -939,12 +929,10 @@ def generate_hn_study(
             ss_ref.ReferencedSOPClassUID = RT_STRUCT_STORAGE
             ss_ref.ReferencedSOPInstanceUID = rs_uid
             ds.ReferencedStructureSetSequence = [ss_ref]
-        ds.PixelData = np.ascontiguousarray(stored_d).astype("<u4").tobytes()
-        ds["PixelData"].VR = "OW"
         rd_dir = study_dir / "RTDOSE"
         _clear_dir(rd_dir, "*.dcm")
         rd_file = rd_dir / f"RD.{phi.patient_id}.dcm"
-        ds.save_as(rd_file, enforce_file_format=True)
+        write_dataset(ds, rd_file)
 
     return StudyTruth(
         study_dir=study_dir,

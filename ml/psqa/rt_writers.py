@@ -16,7 +16,8 @@ Plane geometry of every RT Dose written here (single frame, coronal plane throug
 * dose is stored as unsigned 32-bit integers with ``DoseGridScaling = 1e-6`` Gy.
 
 Files are serialised in memory and moved into place atomically (temporary file in the same
-folder + ``os.replace``); the same inputs give byte-identical files.
+folder + ``os.replace``); the same inputs give byte-identical files. Quantisation, the RT Dose
+grid/pixel modules and the atomic write are the shared ones of ``ml.data.dicom.writers``.
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import io
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ml.data.sample_data import RT_DOSE_STORAGE, RT_PLAN_STORAGE, PlantedPHI, _base_dataset
+from ml.data.dicom import writers as _w
+from ml.data.dicom.writers import DOSE_GRID_SCALING, RT_DOSE_STORAGE, RT_PLAN_STORAGE, atomic_write, write_dataset
+from ml.data.sample_data import PlantedPHI, _base_dataset
 from ml.psqa.plan import Plan
 from ml.psqa.sequencing import format_ds
 
@@ -47,7 +48,6 @@ __all__ = [
     "atomic_write",
 ]
 
-DOSE_GRID_SCALING = 1e-6  # Gy per stored unit
 QA_CSV_COLUMNS = ("PatientID", "PatientName", "PlanLabel", "PlanSOPInstanceUID", "BeamNumber", "Criterion",
                   "GPR", "Device", "MeasuredOn")
 _MANUFACTURER_TPS = "PSQA Synthetic TPS"
@@ -68,35 +68,7 @@ class StudyHeader:
 
 def quantise_dose(dose_gy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(stored uint32 array, the Gy values it decodes to); negative doses are clipped to 0."""
-    stored = np.rint(np.clip(np.asarray(dose_gy, float), 0.0, None) / DOSE_GRID_SCALING).astype(np.uint32)
-    return stored, stored.astype(np.float64) * DOSE_GRID_SCALING
-
-
-def atomic_write(path: Path, data: bytes) -> Path:
-    """Write ``data`` to a temporary file next to ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
-def write_dataset(ds, path: Path) -> Path:
-    """Serialise a dataset (DICOM Part 10, explicit VR little endian) and write it atomically."""
-    from pydicom import dcmwrite
-
-    buf = io.BytesIO()
-    dcmwrite(buf, ds, enforce_file_format=True)
-    return atomic_write(Path(path), buf.getvalue())
+    return _w.quantise_dose(dose_gy, DOSE_GRID_SCALING, bits=32)
 
 
 def _header(header: StudyHeader, *, sop_class: str, sop_uid: str, modality: str, series_uid: str,
@@ -259,7 +231,6 @@ def rt_dose_dataset(stored: np.ndarray, header: StudyHeader, *, sop_uid: str, se
                     device: str = ""):
     """A single-frame coronal RT Dose (module docstring) of ``stored`` (uint32, DoseGridScaling 1e-6)."""
     from pydicom.dataset import Dataset
-    from pydicom.tag import Tag
 
     rows, cols = stored.shape
     ds = _header(header, sop_class=RT_DOSE_STORAGE, sop_uid=sop_uid, modality="RTDOSE", series_uid=series_uid,
@@ -273,28 +244,18 @@ def rt_dose_dataset(stored: np.ndarray, header: StudyHeader, *, sop_uid: str, se
         ds.ManufacturerModelName = "PSQA QA simulator (TPS model)"
     ds.InstanceNumber = int(instance_number)
     s = float(spacing_mm)
-    ds.ImagePositionPatient = [format_ds(-(cols - 1) / 2.0 * s, 4), "0", format_ds((rows - 1) / 2.0 * s, 4)]
-    ds.ImageOrientationPatient = ["1", "0", "0", "0", "0", "-1"]
-    ds.FrameOfReferenceUID = header.frame_of_reference_uid
-    ds.PositionReferenceIndicator = ""
-    ds.SliceThickness = format_ds(s, 4)
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.NumberOfFrames = 1
-    ds.FrameIncrementPointer = Tag(0x3004, 0x000C)
-    ds.Rows = int(rows)
-    ds.Columns = int(cols)
-    ds.PixelSpacing = [format_ds(s, 4), format_ds(s, 4)]
-    ds.BitsAllocated = 32
-    ds.BitsStored = 32
-    ds.HighBit = 31
-    ds.PixelRepresentation = 0
-    ds.DoseUnits = "GY"
-    ds.DoseType = "PHYSICAL"
-    ds.DoseSummationType = summation
-    ds.TissueHeterogeneityCorrection = "IMAGE"
-    ds.GridFrameOffsetVector = ["0"]
-    ds.DoseGridScaling = format_ds(DOSE_GRID_SCALING, 8) if DOSE_GRID_SCALING >= 1e-8 else str(DOSE_GRID_SCALING)
+    _w.set_rt_dose_grid(
+        ds,
+        np.asarray(stored, dtype=np.uint32),
+        position=[format_ds(-(cols - 1) / 2.0 * s, 4), "0", format_ds((rows - 1) / 2.0 * s, 4)],
+        orientation=["1", "0", "0", "0", "0", "-1"],
+        pixel_spacing=[format_ds(s, 4), format_ds(s, 4)],
+        frame_offsets=["0"],
+        slice_thickness=format_ds(s, 4),
+        dose_grid_scaling=format_ds(DOSE_GRID_SCALING, 8),  # "0.000001"
+        frame_of_reference_uid=header.frame_of_reference_uid,
+        summation_type=summation,
+    )
     ds.DoseComment = ("measured" if measured else "planned") + (
         f" beam {beam_number}" if beam_number is not None else " composite")
     ref = Dataset()
@@ -308,8 +269,6 @@ def rt_dose_dataset(stored: np.ndarray, header: StudyHeader, *, sop_uid: str, se
         rfg.ReferencedBeamSequence = [rb]
         ref.ReferencedFractionGroupSequence = [rfg]
     ds.ReferencedRTPlanSequence = [ref]
-    ds.PixelData = np.ascontiguousarray(stored, dtype="<u4").tobytes()
-    ds["PixelData"].VR = "OW"
     return ds
 
 
