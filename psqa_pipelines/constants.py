@@ -14,3 +14,7 @@ STUDIES_PARTITION = "studies"
 
 PSQA_MODEL_NAME = "psqa-bmmqa"  # the registered MLflow model of the BMMQA variant
 CHAMPION_ALIAS = "champion"
+
+CONTOUR_DOSE = "contour_dose"
+CONTOUR_DOSE_TRAINING = "contour_dose_training"
+CONTOUR_DOSE_MODEL_PREFIX = "contour-dose-"  # registered MLflow models: contour-dose-<variant>

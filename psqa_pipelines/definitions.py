@@ -9,6 +9,7 @@ import os
 
 import dagster as dg
 
+from psqa_pipelines.contour_dose import definitions as contour_dose
 from psqa_pipelines.ingest import definitions as ingest
 from psqa_pipelines.lake import definitions as lake
 from psqa_pipelines.preprocess import definitions as preprocess
@@ -49,6 +50,7 @@ def build_defs(resources: dict | None = None) -> dg.Definitions:
         preprocess.defs,
         lake.defs,
         psqa.defs,
+        contour_dose.defs,
         dg.Definitions(sensors=[automation], resources=resources or build_resources()),
     )
 

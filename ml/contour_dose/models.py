@@ -271,3 +271,8 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
 def n_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def from_config(**kwargs) -> nn.Module:
+    """Rebuild a model from ``ModelConfig.to_dict()`` (the MLflow pyfunc wrapper's entry point)."""
+    return build_model(ModelConfig.from_dict(kwargs))

@@ -415,7 +415,8 @@ def load_split(cache: Cache, split: pd.DataFrame | str | os.PathLike | None, see
         if (cache.root / "split.parquet").exists():
             split = pd.read_parquet(cache.root / "split.parquet")
         else:
-            split = patient_split(cache.patient_ids, seed=seed)
+            labelled = cache.index.loc[cache.index["has_dose"].astype(bool), "patient_id"]
+            split = patient_split(list(labelled), seed=seed)
     elif not isinstance(split, pd.DataFrame):
         split = pd.read_parquet(split) if str(split).endswith(".parquet") else pd.read_csv(split)
     missing = sorted(set(split["patient_id"]) - set(cache.patient_ids))
