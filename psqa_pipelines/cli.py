@@ -3,7 +3,9 @@
     psqa init            create the PSQA_HOME layout, the Dagster instance config, the MLflow store
     psqa demo            sample data -> inbox -> whole asset graph, in-process; prints where to look
                          (--qa-plans N: simulated IMRT QA programme -> BMMQA + baselines trained on CPU,
-                         evaluation, Shapley report, champion alias; 0 skips the PSQA stage)
+                         evaluation, Shapley report, champion alias; 0 skips the PSQA stage;
+                         --no-contour-dose skips the CTAN contour + dose stage: six tiny CPU models on the
+                         sample DICOM studies and the OpenKBP patients, scores, DICOM exports)
     psqa dev             Dagster UI (dagster dev) + MLflow UI on loopback
 """
 
@@ -42,7 +44,11 @@ DEMO_TRAINING = {"epochs": 8, "batch_size": 16, "patience": 50, "warmup_epochs":
                  "dec_widths": [8, 8, 8, 8]}
 
 
-def demo(home: Path, studies: int, with_shared: bool, qa_plans: int = 60) -> int:
+DEMO_CONTOUR_DOSE = {"epochs": 2, "steps_per_epoch": 10, "batch_size": 8, "widths": [8, 16, 32, 64, 128],
+                     "val_patients": 2}
+
+
+def demo(home: Path, studies: int, with_shared: bool, qa_plans: int = 60, contour_dose: bool = True) -> int:
     import dagster as dg
 
     from ml.data.sample_data import generate_hn_cohort
@@ -89,6 +95,18 @@ def demo(home: Path, studies: int, with_shared: bool, qa_plans: int = 60) -> int
                 cols = [c for c in ("model", "MAE 2%/3mm", "MAE 2%/2mm", "MAE GPR<90 (2%/2mm)", "AUC fail (2%/2mm)",
                                     "DD SSIM mean") if c in ev.columns]
                 print(ev[cols].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+        if contour_dose:
+            from psqa_pipelines.contour_dose.training import training_assets as cd_assets
+
+            print("training the contour + dose family (tiny CPU models), evaluating, exporting DICOM ...")
+            run_config = {"ops": {a.key.to_user_string(): {"config": DEMO_CONTOUR_DOSE} for a in cd_assets}}
+            res = defs.resolve_job_def("train_contour_dose").execute_in_process(
+                instance=instance, run_config=run_config, raise_on_error=False)
+            train_ok = train_ok and res.success
+            if res.success:
+                ev = res.output_for_node("contour_dose_evaluation")
+                cols = [c for c in ("model", "dose_score", "dvh_score", "mean_dice") if c in ev.columns]
+                print(ev[cols].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     elapsed = time.perf_counter() - t0
     print()
     print(f"demo finished in {elapsed:.0f} s: {len(report.studies)} studies ingested, {len(report.failed)} failed; "
@@ -99,8 +117,8 @@ def demo(home: Path, studies: int, with_shared: bool, qa_plans: int = 60) -> int
     print(f"  quarantine     {storage.quarantine}")
     print(f"  MLflow store   {home / 'mlflow' / 'mlflow.db'}")
     print("next: `make dev`, then open the Dagster UI at http://127.0.0.1:3000 (asset groups ingest -> "
-          "preprocess -> lake_tables -> psqa -> psqa_training) and MLflow at http://127.0.0.1:5000 "
-          "(model psqa-bmmqa, alias champion)")
+          "preprocess -> lake_tables -> psqa -> psqa_training -> contour_dose -> contour_dose_training) and MLflow at "
+          "http://127.0.0.1:5000 (models psqa-bmmqa with alias champion, contour-dose-<variant>)")
     return 0 if not report.failed and train_ok else 1
 
 
@@ -159,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--studies", type=int, default=3)
     d.add_argument("--no-shared", action="store_true", help="do not copy ../shared samples (BraTS, 2 OpenKBP patients)")
     d.add_argument("--qa-plans", type=int, default=60, help="simulated QA plans for the PSQA stage (0: skip it)")
+    d.add_argument("--no-contour-dose", action="store_true", help="skip the contour + dose training stage")
     v = sub.add_parser("dev")
     v.add_argument("--dagster-port", type=int, default=3000)
     v.add_argument("--mlflow-port", type=int, default=5000)
@@ -169,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"initialised {home}")
         return 0
     if args.cmd == "demo":
-        return demo(home, args.studies, not args.no_shared, args.qa_plans)
+        return demo(home, args.studies, not args.no_shared, args.qa_plans, not args.no_contour_dose)
     return dev(home, args.dagster_port, args.mlflow_port)
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -50,7 +49,7 @@ from ml.contour_dose.cache import PRESCRIPTIONS, Cache, Entry
 from ml.contour_dose.losses import DWA, combo_loss, masked_l1
 from ml.contour_dose.models import ModelConfig, build_model, n_parameters
 from ml.data.roi_names import OARS
-from ml.utils.torch_utils import resolve_device, rng_state, set_rng_state, set_seed
+from ml.utils.torch_utils import matching_checkpoint, resolve_device, save_checkpoint, set_seed
 
 DOSE_NORM_GY = 70.0
 HU_CLIP = (-1024.0, 1500.0)
@@ -473,6 +472,7 @@ def train(cache_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainCo
         pred_labels = predict_labels(out / "contour_model", [e for s in entries for e in entries[s]], device)
     rois = tuple(spec["rois"])
     data = {s: build_slices(entries[s], rois, ct_mean, ct_std, pred_labels) for s in entries}
+    del entries, pred_labels  # the stacked slices hold everything training needs
     if device.type == "cuda":
         data = {s: d.to(device) for s, d in data.items()}
     log(f"[{cfg.variant}] {len(ids['train'])} train / {len(ids['val'])} val patients, "
@@ -497,19 +497,15 @@ def train(cache_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainCo
     history: list[dict] = []
     start_epoch, best, best_epoch, stale = 0, float("inf"), -1, 0
     ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if _identity(ck.get("train_config", {})) == _identity(cfg.to_dict()):
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            dwa.load(ck["dwa"])
-            history = ck["history"]
-            start_epoch, best, best_epoch, stale = ck["epoch"] + 1, ck["best"], ck["best_epoch"], ck["stale"]
-            set_rng_state(ck["rng"])
-            log(f"[{cfg.variant}] resumed after epoch {ck['epoch']} (best val_loss {best:.4f} at {best_epoch})")
-        else:
-            log(f"[{cfg.variant}] checkpoint belongs to another configuration: starting over")
+    ck = matching_checkpoint(ckpt_path, cfg.to_dict(), _identity, device, log, f"[{cfg.variant}] ")
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        dwa.load(ck["dwa"])
+        history = ck["history"]
+        start_epoch, best, best_epoch, stale = ck["epoch"] + 1, ck["best"], ck["best_epoch"], ck["stale"]
+        log(f"[{cfg.variant}] resumed after epoch {ck['epoch']} (best val_loss {best:.4f} at {best_epoch})")
 
     n_train = data["train"].n
     steps = cfg.steps_per_epoch or max(n_train // cfg.batch_size, 1)
@@ -595,13 +591,9 @@ def _identity(d: dict) -> dict:
 
 
 def _save_checkpoint(path: Path, model, opt, sched, dwa, history, epoch, best, best_epoch, stale, cfg) -> None:
-    from ml.utils.io import atomic_path
-
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "dwa": dwa.state(), "history": history, "epoch": epoch, "best": best, "best_epoch": best_epoch,
-             "stale": stale, "train_config": cfg.to_dict(), "rng": rng_state()}
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(state, tmp)
+    save_checkpoint(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                           "dwa": dwa.state(), "history": history, "epoch": epoch, "best": best,
+                           "best_epoch": best_epoch, "stale": stale, "train_config": cfg.to_dict()})
 
 
 def _copy_model(src: str | os.PathLike, dst: Path) -> None:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ml.data.dicom.writers import format_ds
 from ml.psqa.plan import Beam, ControlPoint
 
 __all__ = [
@@ -56,20 +57,6 @@ __all__ = [
 MLC_BOUNDARIES_MM: np.ndarray = np.concatenate([
     np.arange(-200.0, -100.0, 10.0), np.arange(-100.0, 100.0, 5.0), np.arange(100.0, 200.1, 10.0)])
 N_LEAF_PAIRS: int = len(MLC_BOUNDARIES_MM) - 1  # 60
-
-
-def format_ds(v: float, decimals: int = 6) -> str:
-    """A DICOM DS string (<= 16 characters) of ``v`` with at most ``decimals`` decimals; no '-0'."""
-    v = float(v)
-    for d in range(int(decimals), -1, -1):
-        s = f"{v:.{d}f}"
-        if "." in s:
-            s = s.rstrip("0").rstrip(".")
-        if s in ("-0", ""):
-            s = "0"
-        if len(s) <= 16:
-            return s
-    raise ValueError(f"{v!r} does not fit a DS")
 
 
 @dataclass

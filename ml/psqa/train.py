@@ -54,7 +54,7 @@ from ml.metrics.image import ssim
 from ml.psqa.bmmqa import BMMQA, MODALITIES, BMMQAConfig
 from ml.psqa.dataset import CRITERIA, LABEL_COLUMNS, PRIMARY, Pack, TabularScaler, load_pack
 from ml.psqa.shapley import coalition_shapley, task_errors
-from ml.utils.torch_utils import resolve_device, rng_state, set_rng_state, set_seed
+from ml.utils.torch_utils import matching_checkpoint, resolve_device, save_checkpoint, set_seed
 
 VARIANTS: dict[str, dict] = {
     "bmmqa": {"model": {}, "balance": True},
@@ -262,19 +262,15 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainCon
     history: list[dict] = []
     start_epoch, best, best_epoch, stale = 0, float("inf"), -1, 0
     ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if _identity(ck.get("train_config", {})) == _identity(cfg.to_dict()):
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            balancer.load(ck["balancer"])
-            history = ck["history"]
-            start_epoch, best, best_epoch, stale = ck["epoch"] + 1, ck["best"], ck["best_epoch"], ck["stale"]
-            set_rng_state(ck["rng"])
-            log(f"resumed from epoch {ck['epoch']} (best {best:.4f} at epoch {best_epoch})")
-        else:
-            log("checkpoint belongs to another configuration: starting over")
+    ck = matching_checkpoint(ckpt_path, cfg.to_dict(), _identity, device, log)
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        balancer.load(ck["balancer"])
+        history = ck["history"]
+        start_epoch, best, best_epoch, stale = ck["epoch"] + 1, ck["best"], ck["best_epoch"], ck["stale"]
+        log(f"resumed from epoch {ck['epoch']} (best {best:.4f} at epoch {best_epoch})")
     monitor = "val_dd_mae" if tasks == ("dd",) else f"val_mae_{PRIMARY}"
     t_start = time.perf_counter()
     n_train = len(train_t.keys)
@@ -403,16 +399,10 @@ class _heads_eval:
 
 
 def _save_checkpoint(path: Path, model, opt, sched, balancer, history, epoch, best, best_epoch, stale, cfg) -> None:
-    from ml.utils.io import atomic_path
-
-    state = {
+    save_checkpoint(path, {
         "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
         "balancer": balancer.state(), "history": history, "epoch": epoch, "best": best, "best_epoch": best_epoch,
-        "stale": stale, "train_config": cfg.to_dict(),
-        "rng": rng_state(),
-    }
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(state, tmp)
+        "stale": stale, "train_config": cfg.to_dict()})
 
 
 # ---------------------------------------------------------------------------------------

@@ -38,3 +38,26 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def matching_checkpoint(path, cfg_dict: dict, identity, device, log=print, tag: str = ""):
+    """The checkpoint at ``path`` when it was written by the same configuration (``identity``
+    strips what may differ between a run and its resumption: budget, device...), else None."""
+    from pathlib import Path
+
+    if not Path(path).exists():
+        return None
+    ck = torch.load(path, map_location=device, weights_only=False)
+    if identity(ck.get("train_config", {})) != identity(cfg_dict):
+        log(f"{tag}checkpoint belongs to another configuration: starting over")
+        return None
+    set_rng_state(ck["rng"])
+    return ck
+
+
+def save_checkpoint(path, state: dict) -> None:
+    """Atomic ``torch.save`` (a kill mid-write leaves the previous checkpoint intact)."""
+    from ml.utils.io import atomic_path
+
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save({**state, "rng": rng_state()}, tmp)
