@@ -8,6 +8,8 @@
                                     [--device cuda] [--max-minutes N]  DIR: a cache or OpenKBP pt_N/ folders
     python -m ml contour-dose predict --data DIR --model MODEL_DIR --out PRED_DIR [--tta]
                                                                   one pt_N.csv per patient (submission format)
+    python -m ml contour-dose evaluate --data CACHE --model MODEL_DIR [MODEL_DIR ...] [--split test] [--tta]
+                                                                  OpenKBP dose/DVH scores, Dice per ROI
 """
 
 from __future__ import annotations
@@ -123,6 +125,31 @@ def _contour_dose(args: argparse.Namespace) -> int:
         metrics = train(data, args.out, cfg, split=args.split)
         print(json.dumps(metrics, default=float))
         return 0
+    if args.cd_cmd == "evaluate":
+        import tempfile
+
+        from ml.contour_dose.cache import Cache
+        from ml.contour_dose.evaluate import evaluate, predict_cases
+        from ml.contour_dose.train import load_split
+
+        models = {json.loads((Path(m) / "config.json").read_text())["variant"]: m for m in args.model}
+        cache = Cache.open(args.data)
+        split = load_split(cache, args.split_file)
+        ids = sorted(split.loc[split["split"] == args.split, "patient_id"])
+        with tempfile.TemporaryDirectory() as tmp:
+            preds = predict_cases(models, args.data, ids, args.pred_dir or tmp, device=args.device, tta_flip=args.tta,
+                                  log=lambda *_: None)
+            res = evaluate(preds, args.data)
+        out = {"split": args.split, "patients": len(ids), "tta": args.tta,
+               "scores": res["scores"].to_dict(orient="records")}
+        if "contours" in res:
+            out["dice_per_roi"] = {v: df.groupby("roi")["dice"].mean().round(4).to_dict()
+                                   for v, df in res["contours"].items()}
+        text = json.dumps(out, indent=2, default=float)
+        if args.out:
+            Path(args.out).write_text(text)
+        print(text)
+        return 0
     from ml.contour_dose.predict import predict_openkbp_dir
 
     summary = predict_openkbp_dir(args.model, args.data, args.out, device=args.device, tta_flip=args.tta)
@@ -210,6 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="auto")
     pr.add_argument("--tta", action="store_true", help="average with the left/right-flipped prediction")
     pr.set_defaults(func=_contour_dose)
+    ev = cd_sub.add_parser("evaluate", help="OpenKBP dose/DVH scores and Dice of trained models on a cache split")
+    ev.add_argument("--data", required=True, type=Path, help="cache directory")
+    ev.add_argument("--model", required=True, type=Path, nargs="+", help="one or more trained model dirs")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--split-file", type=Path, default=None, help="parquet/csv (patient_id, split)")
+    ev.add_argument("--pred-dir", type=Path, default=None, help="keep the predictions (npz) here")
+    ev.add_argument("--out", type=Path, default=None, help="write the JSON here too")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--tta", action="store_true")
+    ev.set_defaults(func=_contour_dose)
     return parser
 
 

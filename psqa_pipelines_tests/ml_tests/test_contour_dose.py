@@ -377,3 +377,11 @@ def test_cli_train_predict_writes_submission_csvs(tmp_path):
             assert set(z["roi_names"]) == set(VARIANTS["product"]["rois"])
     summary = pd.read_csv(pred / "predictions.csv")
     assert (summary["status"] == "ok").all()
+    # evaluate: the official scores of the same model on the cache's test patient(s)
+    report = tmp_path / "eval.json"
+    assert main(["contour-dose", "evaluate", "--data", str(model / "cache"), "--model", str(model), "--split", "test",
+                 "--out", str(report)]) == 0
+    ev = json.loads(report.read_text())
+    assert ev["patients"] == 1 and ev["scores"][0]["variant"] == "product"
+    assert 0 < ev["scores"][0]["dose_score"] < 80 and ev["scores"][0]["dvh_score"] > 0
+    assert set(ev["dice_per_roi"]["product"]) <= set(VARIANTS["product"]["rois"])
