@@ -38,6 +38,7 @@ bench: install
 	$(PY) benchmarks/ingest.py
 	$(PY) benchmarks/gamma.py
 	$(PY) benchmarks/shapley.py
+	$(PY) benchmarks/contour_dose_cache.py
 
 constraints:
 	rm -rf /tmp/psqa-constraints-venv && $(PYTHON) -m venv /tmp/psqa-constraints-venv
