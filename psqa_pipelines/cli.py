@@ -44,7 +44,7 @@ DEMO_TRAINING = {"epochs": 8, "batch_size": 16, "patience": 50, "warmup_epochs":
                  "dec_widths": [8, 8, 8, 8]}
 
 
-DEMO_CONTOUR_DOSE = {"epochs": 2, "steps_per_epoch": 10, "batch_size": 8, "widths": [8, 16, 32, 64, 128],
+DEMO_CONTOUR_DOSE = {"epochs": 4, "steps_per_epoch": 20, "batch_size": 8, "lr": 2e-3, "widths": [8, 16, 32, 64, 128],
                      "val_patients": 2}
 
 
