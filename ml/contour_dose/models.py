@@ -19,7 +19,8 @@ Defaults the papers do not state (named here, in the README and in ``ModelConfig
   ``(32, 64, 128, 256, 512)`` (stem at full resolution, bottleneck at 1/16: 8x8 for 128^2).
 * The CTAE attention input uses the stage output p^j (MTAN uses the stage's first conv
   output u^j); earlier attended features are brought to stage j by Conv3x3-BN-ReLU + stride 2.
-* Heads: dose = Conv1x1 -> 1 channel, ReLU (dose / 70 Gy >= 0); contours = Conv1x1 -> K+1
+* Heads: dose = Conv1x1 -> 1 channel, ReLU in eval mode only (dose / 70 Gy >= 0; a ReLU during
+  training can die); contours = Conv1x1 -> K+1
   logits (softmax over background + K ROIs).
 * Normalisation: BatchNorm (batch 8-32 slices, as the papers' 2D setting); decoder upsampling
   is bilinear x2 followed by two Conv3x3-BN-ReLU.
@@ -134,8 +135,10 @@ def _init_heads(decoders: nn.ModuleDict) -> None:
         nn.init.constant_(decoders["dose"].head.bias, 0.1)
 
 
-def _finish(task: str, y: torch.Tensor) -> torch.Tensor:
-    return F.relu(y) if task == "dose" else y
+def _finish(task: str, y: torch.Tensor, training: bool) -> torch.Tensor:
+    """Dose is clamped at 0 only in eval mode: a ReLU in training can die (every output negative,
+    zero gradient), which a short, high-lr run was seen to hit; L1 pushes negatives up anyway."""
+    return F.relu(y) if task == "dose" and not training else y
 
 
 class UNet2D(nn.Module):
@@ -151,7 +154,7 @@ class UNet2D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.encoder(x)
-        return {t: _finish(t, d(feats)) for t, d in self.decoders.items()}
+        return {t: _finish(t, d(feats), self.training) for t, d in self.decoders.items()}
 
 
 class AttentionUnit(nn.Module):
@@ -251,7 +254,7 @@ class CTAN2D(nn.Module):
             bott = self.ctab({t: att_feats[t][-1] for t in names})
             for t in names:
                 att_feats[t][-1] = bott[t]
-        return {t: _finish(t, self.decoders[t](att_feats[t])) for t in names}
+        return {t: _finish(t, self.decoders[t](att_feats[t]), self.training) for t in names}
 
 
 def _fit(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
