@@ -49,7 +49,7 @@ from ml.contour_dose.cache import PRESCRIPTIONS, Cache, Entry
 from ml.contour_dose.losses import DWA, combo_loss, masked_l1
 from ml.contour_dose.models import ModelConfig, build_model, n_parameters
 from ml.data.roi_names import OARS
-from ml.utils.torch_utils import matching_checkpoint, resolve_device, save_checkpoint, set_seed
+from ml.utils.torch_utils import matching_checkpoint, resolve_device, restore_training, save_checkpoint, set_seed
 
 DOSE_NORM_GY = 70.0
 HU_CLIP = (-1024.0, 1500.0)
@@ -499,12 +499,8 @@ def train(cache_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainCo
     ckpt_path = out / "checkpoint.pt"
     ck = matching_checkpoint(ckpt_path, cfg.to_dict(), _identity, device, log, f"[{cfg.variant}] ")
     if ck is not None:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
+        history, start_epoch, best, best_epoch, stale = restore_training(ck, model, opt, sched)
         dwa.load(ck["dwa"])
-        history = ck["history"]
-        start_epoch, best, best_epoch, stale = ck["epoch"] + 1, ck["best"], ck["best_epoch"], ck["stale"]
         log(f"[{cfg.variant}] resumed after epoch {ck['epoch']} (best val_loss {best:.4f} at {best_epoch})")
 
     n_train = data["train"].n

@@ -54,7 +54,7 @@ from ml.metrics.image import ssim
 from ml.psqa.bmmqa import BMMQA, MODALITIES, BMMQAConfig
 from ml.psqa.dataset import CRITERIA, LABEL_COLUMNS, PRIMARY, Pack, TabularScaler, load_pack
 from ml.psqa.shapley import coalition_shapley, task_errors
-from ml.utils.torch_utils import matching_checkpoint, resolve_device, save_checkpoint, set_seed
+from ml.utils.torch_utils import matching_checkpoint, resolve_device, restore_training, save_checkpoint, set_seed
 
 VARIANTS: dict[str, dict] = {
     "bmmqa": {"model": {}, "balance": True},
@@ -264,12 +264,8 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainCon
     ckpt_path = out / "checkpoint.pt"
     ck = matching_checkpoint(ckpt_path, cfg.to_dict(), _identity, device, log)
     if ck is not None:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
+        history, start_epoch, best, best_epoch, stale = restore_training(ck, model, opt, sched)
         balancer.load(ck["balancer"])
-        history = ck["history"]
-        start_epoch, best, best_epoch, stale = ck["epoch"] + 1, ck["best"], ck["best_epoch"], ck["stale"]
         log(f"resumed from epoch {ck['epoch']} (best {best:.4f} at epoch {best_epoch})")
     monitor = "val_dd_mae" if tasks == ("dd",) else f"val_mae_{PRIMARY}"
     t_start = time.perf_counter()

@@ -55,6 +55,14 @@ def matching_checkpoint(path, cfg_dict: dict, identity, device, log=print, tag: 
     return ck
 
 
+def restore_training(ck: dict, model, opt, sched) -> tuple[list, int, float, int, int]:
+    """Load model/optimiser/scheduler from a checkpoint -> (history, start_epoch, best, best_epoch, stale)."""
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    return ck["history"], ck["epoch"] + 1, ck["best"], ck["best_epoch"], ck["stale"]
+
+
 def save_checkpoint(path, state: dict) -> None:
     """Atomic ``torch.save`` (a kill mid-write leaves the previous checkpoint intact)."""
     from ml.utils.io import atomic_path

@@ -85,9 +85,7 @@ def make_training_asset(variant: str):
                                        **{f"model.{k}": v for k, v in mcfg["model"].items() if k != "extra"},
                                        "cache_digest": cache["digest"], "rois": ",".join(mcfg["rois"]),
                                        "n_parameters": mcfg["n_parameters"], "pretrained": "none (from scratch)"})
-            for _, row in history.iterrows():
-                mlflow.log_metrics(run_id, {k: float(v) for k, v in row.items() if k != "epoch" and pd.notna(v)},
-                                   step=int(row["epoch"]))
+            mlflow.log_history(run_id, history)
             index_path = Path(cache["cache_dir"]) / "index.parquet"
             index = pd.read_parquet(index_path)
             for split_name, ctx in (("train", "training"), ("val", "validation")):

@@ -41,12 +41,6 @@ def monitor_key(metrics: dict) -> str:
     return next(k for k in metrics if k.startswith("best_val"))
 
 
-def _log_history(mlflow: MlflowResource, run_id: str, history: pd.DataFrame) -> None:
-    for _, row in history.iterrows():
-        metrics = {k: float(v) for k, v in row.items() if k != "epoch" and pd.notna(v)}
-        mlflow.log_metrics(run_id, metrics, step=int(row["epoch"]))
-
-
 def make_training_asset(variant: str):
     @dg.asset(
         name=f"psqa_model_{variant}",
@@ -83,7 +77,7 @@ def make_training_asset(variant: str):
                                        **{f"model.{k}": v for k, v in mcfg["model"].items()},
                                        "pack_digest": pack["digest"], "n_train": metrics["n_train"],
                                        "n_val": metrics["n_val"]})
-            _log_history(mlflow, run_id, history)
+            mlflow.log_history(run_id, history)
             table = pd.read_parquet(Path(pack["pack_dir"]) / "dataset.parquet")
             mlflow.log_parquet_dataset(run_id, table[table["split"] == "train"], Path(pack["pack_dir"]) / "dataset.parquet",
                                        name=f"psqa-pack-{pack['digest']}", context="training", targets="gpr_2_2")

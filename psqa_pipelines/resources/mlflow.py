@@ -157,6 +157,14 @@ class MlflowResource(dg.ConfigurableResource):
         for i in range(0, len(items), 500):
             self.client().log_batch(run_id, metrics=items[i:i + 500])
 
+    def log_history(self, run_id: str, history, step_column: str = "epoch") -> None:
+        """A trainer's history.csv (one row per epoch) as per-step metrics (NaN cells skipped)."""
+        import pandas as pd
+
+        for _, row in history.iterrows():
+            self.log_metrics(run_id, {k: float(v) for k, v in row.items() if k != step_column and pd.notna(v)},
+                             step=int(row[step_column]))
+
     def log_artifact_bytes(self, run_id: str, data: bytes, artifact_file: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / Path(artifact_file).name
