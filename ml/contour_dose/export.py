@@ -52,12 +52,15 @@ from ml.data.dicom.writers import (
     RT_DOSE_STORAGE,
     RT_PLAN_STORAGE,
     RT_STRUCT_STORAGE,
-    STUDY_COMPONENT_SOP_CLASS,
+    closed_planar_contour,
     dose_grid_scaling_for,
     file_meta,
     format_ds,
+    image_reference,
     quantise_dose,
+    referenced_frame_of_reference,
     set_rt_dose_grid,
+    structure_set_roi,
     write_dataset,
 )
 from ml.data.volume import Volume, resample_to, to_canonical, write_nifti
@@ -422,8 +425,6 @@ def export_rtstruct(
     is skipped and reported in ``RtstructExport.skipped`` (or, with ``keep_empty``, written as
     an ROI without contours); no non-empty mask at all is a ``ValueError``.
     """
-    from pydicom.dataset import Dataset
-
     ref = read_ct_reference(reference_ct_paths)
     identity = np.allclose(ct.direction_matrix, np.eye(3), atol=1e-4)
     ct_c = ct if identity else to_canonical(ct)
@@ -437,11 +438,8 @@ def export_rtstruct(
     slice_to_ct = _slice_map(ct_c, ref)
     z_ct = [str(h.ImagePositionPatient[2]) for h in ref.headers]
 
-    def image_ref(h) -> Dataset:
-        r = Dataset()
-        r.ReferencedSOPClassUID = str(h.SOPClassUID)
-        r.ReferencedSOPInstanceUID = str(h.SOPInstanceUID)
-        return r
+    def image_ref(h):
+        return image_reference(h.SOPClassUID, h.SOPInstanceUID)
 
     for_uid = ref.frame_of_reference_uid
     ds = _new_dataset(ref, sop_class=RT_STRUCT_STORAGE, modality="RTSTRUCT", series_description=series_description,
@@ -453,18 +451,8 @@ def export_rtstruct(
     ds.StructureSetDescription = ds.ContentDescription
     ds.StructureSetDate = ds.ContentDate
     ds.StructureSetTime = ds.ContentTime
-
-    series_ref = Dataset()
-    series_ref.SeriesInstanceUID = ref.series_instance_uid
-    series_ref.ContourImageSequence = [image_ref(h) for h in ref.headers]
-    study_ref = Dataset()
-    study_ref.ReferencedSOPClassUID = STUDY_COMPONENT_SOP_CLASS
-    study_ref.ReferencedSOPInstanceUID = ref.study_instance_uid
-    study_ref.RTReferencedSeriesSequence = [series_ref]
-    for_ref = Dataset()
-    for_ref.FrameOfReferenceUID = for_uid
-    for_ref.RTReferencedStudySequence = [study_ref]
-    ds.ReferencedFrameOfReferenceSequence = [for_ref]
+    ds.ReferencedFrameOfReferenceSequence = [referenced_frame_of_reference(
+        for_uid, ref.study_instance_uid, ref.series_instance_uid, [image_ref(h) for h in ref.headers])]
 
     ssroi, roic, obs = [], [], []
     exported: list[str] = []
@@ -479,37 +467,18 @@ def export_rtstruct(
         contours = []
         for k in np.nonzero(m.reshape(m.shape[0], -1).any(axis=1))[0]:
             h = ref.headers[slice_to_ct[int(k)]]
+            zs = z_ct[slice_to_ct[int(k)]]
             for poly in mask_slice_polygons(m[k]):
                 ijk = np.column_stack([poly, np.full(len(poly), float(k))])
                 xy = ct_c.index_to_world(ijk)[:, :2]
-                c = Dataset()
-                c.ContourImageSequence = [image_ref(h)]
-                c.ContourGeometricType = "CLOSED_PLANAR"
-                c.NumberOfContourPoints = len(poly)
-                c.ContourNumber = len(contours) + 1
-                zs = z_ct[slice_to_ct[int(k)]]
-                c.ContourData = "\\".join(f"{format_ds(x, 4)}\\{format_ds(y, 4)}\\{zs}" for x, y in xy)
-                contours.append(c)
-        item = Dataset()
-        item.ROINumber = number
-        item.ReferencedFrameOfReferenceUID = for_uid
-        item.ROIName = _lo(name)
-        item.ROIGenerationAlgorithm = "AUTOMATIC"
-        item.ROIGenerationDescription = _lo(f"psqa_pipelines {DISCLAIMER}")
-        ssroi.append(item)
-        rc = Dataset()
+                data = "\\".join(f"{format_ds(x, 4)}\\{format_ds(y, 4)}\\{zs}" for x, y in xy)
+                contours.append(closed_planar_contour(image_ref(h), len(contours) + 1, len(poly), data))
         color = (colors or {}).get(name) or _PALETTE[(number - 1) % len(_PALETTE)]
-        rc.ROIDisplayColor = [int(v) for v in color]
-        if contours:
-            rc.ContourSequence = contours
-        rc.ReferencedROINumber = number
-        roic.append(rc)
-        ob = Dataset()
-        ob.ObservationNumber = number
-        ob.ReferencedROINumber = number
-        ob.RTROIInterpretedType = (roi_types or {}).get(name, "ORGAN")
-        ob.ROIInterpreter = ""
-        obs.append(ob)
+        items = structure_set_roi(number, _lo(name), for_uid, contours=contours, color=color,
+                                  interpreted_type=(roi_types or {}).get(name, "ORGAN"), algorithm="AUTOMATIC",
+                                  description=_lo(f"psqa_pipelines {DISCLAIMER}"), empty_sequence=False)
+        for seq, it in zip((ssroi, roic, obs), items, strict=True):
+            seq.append(it)
         exported.append(name)
         n_contours[name] = len(contours)
     if not exported:

@@ -37,8 +37,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+class WidthsConfig:
+    """``to_dict`` / ``from_dict`` for the dataclass configs (model and trainer) whose ``widths``
+    tuple travels through JSON as a list."""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        d = dict(d)
+        d["widths"] = tuple(d.get("widths", cls.widths))
+        return cls(**d)
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(WidthsConfig):
     arch: str = "unet"  # unet | ctan
     in_channels: int = 1
     n_classes: int = 5  # background + K ROIs (0 = no contour head)
@@ -51,16 +67,6 @@ class ModelConfig:
     ctab_heads: int = 8
     extra: dict = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["widths"] = list(self.widths)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        d = dict(d)
-        d["widths"] = tuple(d.get("widths", cls.widths))
-        return cls(**d)
 
 
 def conv_bn_relu(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:

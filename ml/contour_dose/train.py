@@ -37,7 +37,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +47,16 @@ import torch.nn.functional as F
 
 from ml.contour_dose.cache import PRESCRIPTIONS, Cache, Entry
 from ml.contour_dose.losses import DWA, combo_loss, masked_l1
-from ml.contour_dose.models import ModelConfig, build_model, n_parameters
+from ml.contour_dose.models import ModelConfig, WidthsConfig, build_model, n_parameters
 from ml.data.roi_names import OARS
-from ml.utils.torch_utils import matching_checkpoint, resolve_device, restore_training, save_checkpoint, set_seed
+from ml.utils.torch_utils import (
+    matching_checkpoint,
+    resolve_device,
+    restore_training,
+    save_checkpoint,
+    set_seed,
+    stop_reason,
+)
 
 DOSE_NORM_GY = 70.0
 HU_CLIP = (-1024.0, 1500.0)
@@ -71,7 +78,7 @@ MODEL_NAMES = {"dose-only": "Baseline", "contour-only": "DL-Baseline", "seq-huma
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(WidthsConfig):
     variant: str = "multi-automated"
     epochs: int = 100
     batch_size: int = 8
@@ -92,17 +99,6 @@ class TrainConfig:
     val_patients: int | None = None  # cap on validation volumes per epoch (None: all)
     contour_model: str | None = None  # seq-automated: a trained contour-only model dir
     extra: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["widths"] = list(self.widths)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        d = dict(d)
-        d["widths"] = tuple(d.get("widths", cls.widths))
-        return cls(**d)
 
 
 # ---------------------------------------------------------------------------------------
@@ -510,7 +506,7 @@ def train(cache_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainCo
     train_time, slices_seen = 0.0, 0
     stopped_by = "epochs"
     for epoch in range(start_epoch, cfg.epochs):
-        if stale >= cfg.patience:
+        if stop_reason(stale, cfg.patience):  # a resumed run that had already stopped early
             stopped_by = "early_stopping"
             break
         gen.manual_seed(cfg.seed * 100_003 + epoch)
@@ -559,11 +555,9 @@ def train(cache_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainCo
             f"{k}={v:.4g}" for k, v in row.items()
             if k.startswith(("train_loss", "val_loss", "val_dose", "val_mean", "lambda")) or k == "slices_per_s"))
         _save_checkpoint(ckpt_path, model, opt, sched, dwa, history, epoch, best, best_epoch, stale, cfg)
-        if stale >= cfg.patience:
-            stopped_by = "early_stopping"
-            break
-        if cfg.max_minutes is not None and (time.perf_counter() - t_start) / 60 >= cfg.max_minutes:
-            stopped_by = "max_minutes"
+        reason = stop_reason(stale, cfg.patience, t_start, cfg.max_minutes)
+        if reason:
+            stopped_by = reason
             break
     pd.DataFrame(history).to_csv(out / "history.csv", index=False)
     best_row = next((h for h in history if h["epoch"] == best_epoch), {})

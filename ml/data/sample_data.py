@@ -41,10 +41,13 @@ from ml.data.dicom.writers import (
     RT_DOSE_STORAGE,
     RT_PLAN_STORAGE,
     RT_STRUCT_STORAGE,
-    STUDY_COMPONENT_SOP_CLASS,
+    closed_planar_contour,
     file_meta,
+    image_reference,
     quantise_dose,
+    referenced_frame_of_reference,
     set_rt_dose_grid,
+    structure_set_roi,
     write_dataset,
 )
 
@@ -80,7 +83,6 @@ _ROI_COLORS = {
 _ROI_TYPES = {"BODY": "EXTERNAL", "PTV70": "PTV", "PTV56": "PTV"}
 
 # SOP classes and the DoseGridScaling live in ml.data.dicom.writers (re-exported here)
-_STUDY_COMPONENT_SOP_CLASS = STUDY_COMPONENT_SOP_CLASS
 
 PRIVATE_GROUP = 0x0009
 PRIVATE_CREATOR = "PSQA_TEST"
@@ -808,57 +810,22 @@ def generate_hn_study(
         ds.StructureSetDate = ds.StudyDate
         ds.StructureSetTime = study_time
 
-        def img_ref(k: int) -> Dataset:
-            r = Dataset()
-            r.ReferencedSOPClassUID = CT_IMAGE_STORAGE
-            r.ReferencedSOPInstanceUID = ct_sop[k]
-            return r
-
-        series_ref = Dataset()
-        series_ref.SeriesInstanceUID = ct_series_uid
-        series_ref.ContourImageSequence = [img_ref(k) for k in range(n_slices)]
-        study_ref = Dataset()
-        study_ref.ReferencedSOPClassUID = _STUDY_COMPONENT_SOP_CLASS
-        study_ref.ReferencedSOPInstanceUID = study_uid
-        study_ref.RTReferencedSeriesSequence = [series_ref]
-        for_ref = Dataset()
-        for_ref.FrameOfReferenceUID = for_uid
-        for_ref.RTReferencedStudySequence = [study_ref]
-        ds.ReferencedFrameOfReferenceSequence = [for_ref]
+        images = [image_reference(CT_IMAGE_STORAGE, ct_sop[k]) for k in range(n_slices)]
+        ds.ReferencedFrameOfReferenceSequence = [
+            referenced_frame_of_reference(for_uid, study_uid, ct_series_uid, images)]
 
         ssroi, roic, obs = [], [], []
         for number, name in enumerate(ROI_NAMES, start=1):
-            item = Dataset()
-            item.ROINumber = number
-            item.ReferencedFrameOfReferenceUID = for_uid
-            item.ROIName = name
-            item.ROIGenerationAlgorithm = "MANUAL"
-            ssroi.append(item)
-
-            rc = Dataset()
-            rc.ROIDisplayColor = list(_ROI_COLORS[name])
             contours = []
             for k in range(n_slices):
                 for poly in roi_polys[name][k]:
-                    c = Dataset()
-                    c.ContourImageSequence = [img_ref(k)]
-                    c.ContourGeometricType = "CLOSED_PLANAR"
-                    c.NumberOfContourPoints = len(poly)
-                    c.ContourNumber = len(contours) + 1
-                    c.ContourData = "\\".join(
-                        f"{_fmt(x)}\\{_fmt(y)}\\{z_str[k]}" for x, y in poly
-                    )
-                    contours.append(c)
-            rc.ContourSequence = contours
-            rc.ReferencedROINumber = number
-            roic.append(rc)
-
-            ob = Dataset()
-            ob.ObservationNumber = number
-            ob.ReferencedROINumber = number
-            ob.RTROIInterpretedType = _ROI_TYPES.get(name, "ORGAN")
-            ob.ROIInterpreter = ""
-            obs.append(ob)
+                    data = "\\".join(f"{_fmt(x)}\\{_fmt(y)}\\{z_str[k]}" for x, y in poly)
+                    contours.append(closed_planar_contour(
+                        image_reference(CT_IMAGE_STORAGE, ct_sop[k]), len(contours) + 1, len(poly), data))
+            items = structure_set_roi(number, name, for_uid, contours=contours, color=_ROI_COLORS[name],
+                                      interpreted_type=_ROI_TYPES.get(name, "ORGAN"))
+            for seq, it in zip((ssroi, roic, obs), items, strict=True):
+                seq.append(it)
         ds.StructureSetROISequence = ssroi
         ds.ROIContourSequence = roic
         ds.RTROIObservationsSequence = obs

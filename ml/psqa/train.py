@@ -54,7 +54,14 @@ from ml.metrics.image import ssim
 from ml.psqa.bmmqa import BMMQA, MODALITIES, BMMQAConfig
 from ml.psqa.dataset import CRITERIA, LABEL_COLUMNS, PRIMARY, Pack, TabularScaler, load_pack
 from ml.psqa.shapley import coalition_shapley, task_errors
-from ml.utils.torch_utils import matching_checkpoint, resolve_device, restore_training, save_checkpoint, set_seed
+from ml.utils.torch_utils import (
+    matching_checkpoint,
+    resolve_device,
+    restore_training,
+    save_checkpoint,
+    set_seed,
+    stop_reason,
+)
 
 VARIANTS: dict[str, dict] = {
     "bmmqa": {"model": {}, "balance": True},
@@ -274,7 +281,7 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainCon
     samples_seen, train_time = 0, 0.0
     stopped_by = "epochs"
     for epoch in range(start_epoch, cfg.epochs):
-        if stale >= cfg.patience:  # a resumed run that had already stopped early
+        if stop_reason(stale, cfg.patience):  # a resumed run that had already stopped early
             stopped_by = "early_stopping"
             break
         g.manual_seed(cfg.seed * 1000 + epoch)
@@ -352,11 +359,9 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainCon
         log(f"[{cfg.variant}] epoch {epoch} " + " ".join(
             f"{k}={v:.4g}" for k, v in row.items() if k.startswith(("train_loss", "val_")) or k == "samples_per_s"))
         _save_checkpoint(ckpt_path, model, opt, sched, balancer, history, epoch, best, best_epoch, stale, cfg)
-        if stale >= cfg.patience:
-            stopped_by = "early_stopping"
-            break
-        if cfg.max_minutes is not None and (time.perf_counter() - t_start) / 60 >= cfg.max_minutes:
-            stopped_by = "max_minutes"
+        reason = stop_reason(stale, cfg.patience, t_start, cfg.max_minutes)
+        if reason:
+            stopped_by = reason
             break
     pd.DataFrame(history).to_csv(out / "history.csv", index=False)
     metrics = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import numpy as np
 import torch
@@ -69,3 +70,15 @@ def save_checkpoint(path, state: dict) -> None:
 
     with atomic_path(path, suffix=".pt") as tmp:
         torch.save({**state, "rng": rng_state()}, tmp)
+
+
+def stop_reason(stale: int, patience: int, t_start: float | None = None,
+                max_minutes: float | None = None) -> str | None:
+    """Why a training loop should stop now: ``"early_stopping"`` after ``patience`` epochs without
+    improvement, ``"max_minutes"`` once the budget since ``t_start`` (``time.perf_counter()``) is
+    spent, else None."""
+    if stale >= patience:
+        return "early_stopping"
+    if max_minutes is not None and t_start is not None and (time.perf_counter() - t_start) / 60 >= max_minutes:
+        return "max_minutes"
+    return None

@@ -10,6 +10,10 @@ one implementation of:
 * ``file_meta`` -- the Part 10 file meta information (explicit VR little endian);
 * ``set_rt_dose_grid`` -- Image Plane, Image Pixel, Multi-frame and RT Dose modules of an RT Dose
   dataset (geometry, ``GridFrameOffsetVector`` relative to the first frame, pixel data);
+* ``image_reference`` / ``referenced_frame_of_reference`` / ``closed_planar_contour`` /
+  ``structure_set_roi`` -- the RT Structure Set pieces (the referenced CT series, one
+  CLOSED_PLANAR contour, and the three per-ROI items: StructureSetROI, ROIContour,
+  RTROIObservations);
 * ``write_dataset`` / ``atomic_write`` -- serialise in memory, temporary file next to the target,
   ``os.replace`` (readers never see a half-written file; same dataset -> same bytes).
 
@@ -41,6 +45,10 @@ __all__ = [
     "dose_grid_scaling_for",
     "file_meta",
     "set_rt_dose_grid",
+    "image_reference",
+    "referenced_frame_of_reference",
+    "closed_planar_contour",
+    "structure_set_roi",
     "atomic_write",
     "write_dataset",
 ]
@@ -201,6 +209,77 @@ def set_rt_dose_grid(
     ds.PixelData = np.ascontiguousarray(stored, dtype=little).tobytes()
     ds["PixelData"].VR = "OW"
     return ds
+
+
+def image_reference(sop_class: str, sop_uid: str):
+    """A (ReferencedSOPClassUID, ReferencedSOPInstanceUID) item, e.g. of a ContourImageSequence."""
+    from pydicom.dataset import Dataset
+
+    r = Dataset()
+    r.ReferencedSOPClassUID = str(sop_class)
+    r.ReferencedSOPInstanceUID = str(sop_uid)
+    return r
+
+
+def referenced_frame_of_reference(frame_of_reference_uid: str, study_uid: str, series_uid: str,
+                                  images: Sequence):
+    """The ReferencedFrameOfReferenceSequence item of an RT Structure Set: frame of reference ->
+    study -> the CT series and every one of its ``images`` (``image_reference`` items)."""
+    from pydicom.dataset import Dataset
+
+    series_ref = Dataset()
+    series_ref.SeriesInstanceUID = series_uid
+    series_ref.ContourImageSequence = list(images)
+    study_ref = Dataset()
+    study_ref.ReferencedSOPClassUID = STUDY_COMPONENT_SOP_CLASS
+    study_ref.ReferencedSOPInstanceUID = study_uid
+    study_ref.RTReferencedSeriesSequence = [series_ref]
+    for_ref = Dataset()
+    for_ref.FrameOfReferenceUID = frame_of_reference_uid
+    for_ref.RTReferencedStudySequence = [study_ref]
+    return for_ref
+
+
+def closed_planar_contour(image, number: int, n_points: int, contour_data: str):
+    """One ContourSequence item: a CLOSED_PLANAR polygon of ``n_points`` on the CT image
+    ``image`` (an ``image_reference``); ``contour_data`` is the backslash-joined x\\y\\z string."""
+    from pydicom.dataset import Dataset
+
+    c = Dataset()
+    c.ContourImageSequence = [image]
+    c.ContourGeometricType = "CLOSED_PLANAR"
+    c.NumberOfContourPoints = int(n_points)
+    c.ContourNumber = int(number)
+    c.ContourData = contour_data
+    return c
+
+
+def structure_set_roi(number: int, name: str, frame_of_reference_uid: str, *, contours: Sequence,
+                      color: Sequence[int], interpreted_type: str = "ORGAN", algorithm: str = "MANUAL",
+                      description: str | None = None, empty_sequence: bool = True):
+    """The three items one ROI needs in an RT Structure Set -> (StructureSetROISequence item,
+    ROIContourSequence item, RTROIObservationsSequence item). ``empty_sequence=False`` leaves
+    ContourSequence out when there is no contour (rather than writing an empty one)."""
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.ROINumber = number
+    item.ReferencedFrameOfReferenceUID = frame_of_reference_uid
+    item.ROIName = name
+    item.ROIGenerationAlgorithm = algorithm
+    if description is not None:
+        item.ROIGenerationDescription = description
+    rc = Dataset()
+    rc.ROIDisplayColor = [int(v) for v in color]
+    if contours or empty_sequence:
+        rc.ContourSequence = list(contours)
+    rc.ReferencedROINumber = number
+    ob = Dataset()
+    ob.ObservationNumber = number
+    ob.ReferencedROINumber = number
+    ob.RTROIInterpretedType = interpreted_type
+    ob.ROIInterpreter = ""
+    return item, rc, ob
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
