@@ -121,7 +121,7 @@ def _contour_dose(args: argparse.Namespace) -> int:
                           steps_per_epoch=args.steps_per_epoch, seed=args.seed, device=args.device,
                           max_minutes=args.max_minutes, patience=args.patience, augment=not args.no_augment,
                           widths=tuple(int(w) for w in args.widths.split(",")), val_patients=args.val_patients,
-                          contour_model=str(args.contour_model) if args.contour_model else None)
+                          contour_model=str(args.contour_model) if args.contour_model else None, amp=args.amp)
         metrics = train(data, args.out, cfg, split=args.split)
         print(json.dumps(metrics, default=float))
         return 0
@@ -229,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-augment", action="store_true")
     tr.add_argument("--device", default="auto")
     tr.add_argument("--max-minutes", type=float, default=None)
+    tr.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
+                    help="bf16 autocast: auto = on CUDA only; bf16 = also on a CPU with AVX512-BF16")
     tr.set_defaults(func=_contour_dose)
     pr = cd_sub.add_parser("predict", help="OpenKBP pt_N/ folders -> PRED_DIR/pt_N.csv (+ contours)")
     pr.add_argument("--data", required=True, type=Path)

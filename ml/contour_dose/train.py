@@ -24,7 +24,9 @@ Training (spec §B.6, [I] where silent): Adam, lr 1e-4, weight decay 1e-5, batch
 OpenKBP setting); cosine decay over the planned epochs; DWA for the two-task models; model
 selection on the validation loss (dose L1 + combo loss, unweighted). Augmentation [I]: rotation
 within +-10 deg and shifts within +-8 px (p = 0.5), left/right flips (p = 0.5) with the parotid
-labels (and parotid input masks) swapped. bf16 autocast and channels-last on CUDA,
+labels (and parotid input masks) swapped. bf16 autocast and channels-last on CUDA (channels-last
+stays off on the CPU: torch 2.13's oneDNN aborts in the backward of an NHWC 1x1 stride-2
+convolution with few input channels, oneDNN issue #6035, reproduced here with our width-8 skips),
 deterministic seeds, a checkpoint after every epoch (``checkpoint.pt``, resumed automatically
 when the configuration matches), a ``max_minutes`` budget, and per-epoch validation on whole
 volumes (dose score in Gy inside the possible-dose mask, Dice per ROI).
@@ -87,7 +89,7 @@ class TrainConfig(WidthsConfig):
     steps_per_epoch: int | None = None  # None: one pass over the training slices
     seed: int = 0
     device: str = "auto"
-    amp: str = "auto"  # auto | bf16 | off
+    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 (any device; 1.4x on an AVX512-BF16 CPU) | off
     max_minutes: float | None = None
     patience: int = 20
     augment: bool = True
@@ -337,10 +339,7 @@ def infer_slices(model: torch.nn.Module, data: SliceData, variant: str, start: i
 
 
 def _forward(model, x, device, amp) -> dict[str, torch.Tensor]:
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        out = model(x)
+    out = _forward_raw(model, x, device, amp)
     return {k: (torch.softmax(v.float(), 1) if k == "contour" else v.float()) for k, v in out.items()}
 
 
@@ -393,11 +392,27 @@ def validate(model, data: SliceData, variant: str, device: torch.device, amp: bo
     return res
 
 
-def _forward_raw(model, x, device, amp):
-    if device.type == "cuda":
+def _forward_raw(model, x, device, amp, channels_last: bool | None = None):
+    """The model's raw outputs (logits, normalised dose); channels-last input on CUDA by default
+    (the model is converted too there), bf16 autocast when ``amp``."""
+    if channels_last if channels_last is not None else device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         return model(x)
+
+
+def train_step(model, opt, batch: dict[str, torch.Tensor], weights: dict[str, float], device: torch.device,
+               amp: bool, channels_last: bool | None = None) -> dict[str, torch.Tensor]:
+    """One optimiser step on ``batch`` with the task losses weighted by ``weights`` (DWA) ->
+    the unweighted task losses (detached by the caller). Used by ``train`` and the throughput
+    benchmark (``benchmarks/contour_dose_train.py``)."""
+    out = _forward_raw(model, batch["x"], device, amp, channels_last)
+    losses = task_losses(out, batch)
+    loss = sum(weights[t] * losses[t] for t in losses)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return losses
 
 
 # ---------------------------------------------------------------------------------------
@@ -449,7 +464,9 @@ def train(cache_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainCo
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    amp = device.type == "cuda" and cfg.amp in ("auto", "bf16")
+    if cfg.amp not in ("auto", "bf16", "off"):
+        raise ValueError(f"amp must be auto, bf16 or off, not {cfg.amp!r}")
+    amp = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
     cache = Cache.open(cache_dir)
     split = load_split(cache, split, cfg.seed)
     ids = {s: list(split.loc[split["split"] == s, "patient_id"]) for s in ("train", "val")}
@@ -524,12 +541,7 @@ def train(cache_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainCo
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             if cfg.augment:
                 batch = augment(batch, cfg.variant, gen)
-            out_t = _forward_raw(model, batch["x"], device, amp)
-            losses = task_losses(out_t, batch)
-            loss = sum(weights[t] * losses[t] for t in tasks)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            losses = train_step(model, opt, batch, weights, device, amp)
             for t in tasks:
                 sums[t] += float(losses[t].detach())
             slices_seen += len(idx)
@@ -576,8 +588,9 @@ def train(cache_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainCo
 
 
 def _identity(d: dict) -> dict:
-    """What defines a run (the time budget, device and validation cap do not)."""
-    return {k: v for k, v in d.items() if k not in ("max_minutes", "device", "val_patients")}
+    """What defines a run (the time budget, device, precision and validation cap do not: a CPU run
+    may be resumed on a GPU, where ``amp="auto"`` means bf16 anyway)."""
+    return {k: v for k, v in d.items() if k not in ("max_minutes", "device", "amp", "val_patients")}
 
 
 def _save_checkpoint(path: Path, model, opt, sched, dwa, history, epoch, best, best_epoch, stale, cfg) -> None:

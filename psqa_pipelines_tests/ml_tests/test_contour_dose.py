@@ -315,6 +315,26 @@ def test_training_learns_dose_and_contours(syn_cache, tmp_path):
     assert h["val_mean_dice"].iloc[-1] > 0.15 > h["val_mean_dice"].iloc[0]
 
 
+def test_bf16_autocast_on_cpu_trains_and_resumes_an_fp32_run(syn_cache, tmp_path):
+    """amp="bf16" runs the autocast path on the CPU (1.6-1.9x there on AVX512-BF16, see
+    benchmarks/contour_dose_train.py); precision is not part of a run's identity, so an fp32 run
+    resumes in bf16 (as a CPU run resumed on a GPU with amp="auto" would)."""
+    torch.set_num_threads(1)
+    kw = dict(epochs=8, steps_per_epoch=6, augment=False, lr=5e-3)
+    first = train(syn_cache, tmp_path / "m", _cfg(**kw, amp="off", max_minutes=0.0), split=SPLIT4, log=lambda *_: None)
+    assert first["amp"] == "off" and first["epochs_run"] == 1
+    logs: list[str] = []
+    m = train(syn_cache, tmp_path / "m", _cfg(**kw, amp="bf16"), split=SPLIT4, log=logs.append)
+    assert any("resumed after epoch 0" in line for line in logs)
+    assert m["amp"] == "bf16" and m["epochs_run"] == 8
+    h = pd.read_csv(tmp_path / "m" / "history.csv")
+    assert np.isfinite(h[["train_loss_dose", "train_loss_contour", "val_loss"]].to_numpy()).all()
+    assert h["train_loss_dose"].iloc[-1] < 0.5 * h["train_loss_dose"].iloc[0]
+    assert h["train_loss_contour"].iloc[-1] < h["train_loss_contour"].iloc[0]
+    with pytest.raises(ValueError, match="amp must be"):
+        train(syn_cache, tmp_path / "bad", _cfg(amp="fp8"), split=SPLIT4)
+
+
 def test_seq_automated_uses_a_contour_model_and_is_self_contained(syn_cache, tmp_path):
     from ml.contour_dose.predict import predict_entry
     from ml.contour_dose.train import load_model
