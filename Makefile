@@ -39,6 +39,7 @@ bench: install
 	$(PY) benchmarks/gamma.py
 	$(PY) benchmarks/shapley.py
 	$(PY) benchmarks/contour_dose_cache.py
+	$(PY) benchmarks/contour_dose_train.py --cpu-bf16
 
 constraints:
 	rm -rf /tmp/psqa-constraints-venv && $(PYTHON) -m venv /tmp/psqa-constraints-venv

@@ -8,7 +8,7 @@
                                     [--device cuda] [--max-minutes N]  DIR: a cache or OpenKBP pt_N/ folders
     python -m ml contour-dose predict --data DIR --model MODEL_DIR --out PRED_DIR [--tta]
                                                                   one pt_N.csv per patient (submission format)
-    python -m ml contour-dose evaluate --data CACHE --model MODEL_DIR [MODEL_DIR ...] [--split test] [--tta]
+    python -m ml contour-dose evaluate --data CACHE --model MODEL_DIR [MODEL_DIR ...] [--split test] [--tta] [--tables DIR]
                                                                   OpenKBP dose/DVH scores, Dice per ROI
 """
 
@@ -129,7 +129,7 @@ def _contour_dose(args: argparse.Namespace) -> int:
         import tempfile
 
         from ml.contour_dose.cache import Cache
-        from ml.contour_dose.evaluate import evaluate, predict_cases
+        from ml.contour_dose.evaluate import evaluate, markdown_tables, predict_cases
         from ml.contour_dose.train import load_split
 
         models = {json.loads((Path(m) / "config.json").read_text())["variant"]: m for m in args.model}
@@ -145,6 +145,17 @@ def _contour_dose(args: argparse.Namespace) -> int:
         if "contours" in res:
             out["dice_per_roi"] = {v: df.groupby("roi")["dice"].mean().round(4).to_dict()
                                    for v, df in res["contours"].items()}
+        tables = markdown_tables(res)
+        out["tables"] = sorted(tables)
+        if args.tables:
+            args.tables.mkdir(parents=True, exist_ok=True)
+            for name, md in tables.items():
+                (args.tables / name).write_text(md + "\n")
+            res["per_patient"].to_csv(args.tables / "per_patient.csv", index=False)
+            for v, df in res["dvh"].items():
+                df.to_csv(args.tables / f"dvh_{v}.csv", index=False)
+            for v, df in res["contours"].items():
+                df.to_csv(args.tables / f"contours_{v}.csv", index=False)
         text = json.dumps(out, indent=2, default=float)
         if args.out:
             Path(args.out).write_text(text)
@@ -246,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split-file", type=Path, default=None, help="parquet/csv (patient_id, split)")
     ev.add_argument("--pred-dir", type=Path, default=None, help="keep the predictions (npz) here")
     ev.add_argument("--out", type=Path, default=None, help="write the JSON here too")
+    ev.add_argument("--tables", type=Path, default=None,
+                    help="write the seed's markdown tables (scores, DVH-MAE + t-tests, Dice/HD95) and the "
+                         "per-patient CSVs here")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--tta", action="store_true")
     ev.set_defaults(func=_contour_dose)

@@ -126,6 +126,24 @@ def evaluate(predictions: pd.DataFrame, cache_dir: str | os.PathLike) -> dict:
     return result
 
 
+def markdown_tables(res: dict) -> dict[str, str]:
+    """The seed's tables of an ``evaluate`` result as markdown, by file name: ``scores.md`` (dose /
+    DVH score, mean Dice and HD95 per model), ``dvh_mae_table.md`` (DVH-MAE per ROI and metric with
+    relative differences; * marks the Multi-Automated cells significant after Bonferroni),
+    ``dvh_tests.md`` (one-sided paired t-tests) and ``contour_table.md`` (Dice / HD95 per OAR)."""
+    from ml.contour_dose import stats
+
+    tables = {"scores.md": stats.to_markdown(res["scores"], decimals=4)}
+    if "dvh_table" in res:
+        tables["dvh_mae_table.md"] = stats.to_markdown(stats.format_dvh_table(res["dvh_table"], res.get("dvh_tests"),
+                                                                              marked="Multi-Automated"))
+    if "dvh_tests" in res:
+        tables["dvh_tests.md"] = stats.to_markdown(res["dvh_tests"].reset_index())
+    if "contour_table" in res:
+        tables["contour_table.md"] = stats.to_markdown(stats.format_contour_table(res["contour_table"]))
+    return tables
+
+
 def ranked_cases(per_patient: pd.DataFrame, variant: str) -> dict[str, str]:
     """Best / median / worst patient of ``variant`` by dose score (spec §B.8 item 5)."""
     d = per_patient[per_patient["variant"] == variant].sort_values("dose_score").reset_index(drop=True)

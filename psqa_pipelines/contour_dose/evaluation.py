@@ -71,26 +71,18 @@ def contour_dose_predictions(context: dg.AssetExecutionContext, storage: PsqaSto
                       "DVH curves and best/median/worst cases; logged to MLflow against each model version.")
 def contour_dose_evaluation(context: dg.AssetExecutionContext, mlflow: MlflowResource,
                             contour_dose_predictions: pd.DataFrame) -> pd.DataFrame:
-    from ml.contour_dose import stats
     from ml.contour_dose.cache import Cache
-    from ml.contour_dose.evaluate import case_figure_png, dvh_png, evaluate, ranked_cases
+    from ml.contour_dose.evaluate import case_figure_png, dvh_png, evaluate, markdown_tables, ranked_cases
 
     cache_dir = contour_dose_predictions["cache_dir"].iloc[0]
     contour_dose_predictions = contour_dose_predictions[contour_dose_predictions["split"] == "test"]
     res = evaluate(contour_dose_predictions, cache_dir)
     scores = res["scores"]
     meta = {"scores": md_table(scores.round(4)), "test_patients": int(contour_dose_predictions["patient_id"].nunique())}
-    tables = {}
-    if "dvh_table" in res:
-        tables["dvh_mae_table.md"] = stats.to_markdown(stats.format_dvh_table(res["dvh_table"], res.get("dvh_tests"),
-                                                                              marked="Multi-Automated"))
-        meta["dvh_mae_table"] = dg.MetadataValue.md(tables["dvh_mae_table.md"])
-    if "dvh_tests" in res:
-        tables["dvh_tests.md"] = stats.to_markdown(res["dvh_tests"].reset_index())
-        meta["dvh_tests"] = dg.MetadataValue.md(tables["dvh_tests.md"])
-    if "contour_table" in res:
-        tables["contour_table.md"] = stats.to_markdown(stats.format_contour_table(res["contour_table"]))
-        meta["contour_table"] = dg.MetadataValue.md(tables["contour_table.md"])
+    tables = markdown_tables(res)
+    tables.pop("scores.md")  # shown as the scores table above
+    for name, text in tables.items():
+        meta[name.removesuffix(".md")] = dg.MetadataValue.md(text)
     cache = Cache.open(cache_dir)
     pngs = {}
     focus = "product" if "product" in res["dvh"] else next(iter(res["dvh"]), None)

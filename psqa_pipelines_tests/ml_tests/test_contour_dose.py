@@ -402,8 +402,13 @@ def test_cli_train_predict_writes_submission_csvs(tmp_path):
     # evaluate: the official scores of the same model on the cache's test patient(s)
     report = tmp_path / "eval.json"
     assert main(["contour-dose", "evaluate", "--data", str(model / "cache"), "--model", str(model), "--split", "test",
-                 "--out", str(report)]) == 0
+                 "--out", str(report), "--tables", str(tmp_path / "tables")]) == 0
     ev = json.loads(report.read_text())
+    assert ev["tables"] == ["scores.md"]  # the seed's tables need the paper's models
+    assert "| Product |" in (tmp_path / "tables" / "scores.md").read_text()
+    pp = pd.read_csv(tmp_path / "tables" / "per_patient.csv")
+    assert len(pp) == 1 and pp["dose_score"].iloc[0] == pytest.approx(ev["scores"][0]["dose_score"])
+    assert set(pd.read_csv(tmp_path / "tables" / "dvh_product.csv")["patient_id"]) == set(pp["patient_id"])
     assert ev["patients"] == 1 and ev["scores"][0]["variant"] == "product"
     assert 0 < ev["scores"][0]["dose_score"] < 80 and ev["scores"][0]["dvh_score"] > 0
     assert set(ev["dice_per_roi"]["product"]) <= set(VARIANTS["product"]["rois"])
