@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -412,3 +413,45 @@ def test_cli_train_predict_writes_submission_csvs(tmp_path):
     assert ev["patients"] == 1 and ev["scores"][0]["variant"] == "product"
     assert 0 < ev["scores"][0]["dose_score"] < 80 and ev["scores"][0]["dvh_score"] > 0
     assert set(ev["dice_per_roi"]["product"]) <= set(VARIANTS["product"]["rois"])
+
+
+_GPU_NODE_ONLY = """
+import importlib.abc, importlib.util, sys
+BLOCK = {"scipy", "SimpleITK", "pydicom", "nibabel", "sklearn", "matplotlib", "contourpy", "dagster", "mlflow"}
+class Block(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    # found (torch probes find_spec for optional packages), but importing it fails, as if absent
+    def find_spec(self, name, path, target=None):
+        return importlib.util.spec_from_loader(name, self) if name.split(".")[0] in BLOCK else None
+    def create_module(self, spec):
+        return None
+    def exec_module(self, module):
+        raise ModuleNotFoundError(f"No module named {module.__name__!r} (not on the GPU node)")
+sys.meta_path.insert(0, Block())
+from ml.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@needs_openkbp
+def test_cli_pack_train_predict_need_only_torch_numpy_pandas_pyarrow(tmp_path):
+    """The GPU node has torch, numpy, pandas and pyarrow only: pack -> train -> predict must not
+    import anything else (scipy, SimpleITK, pydicom, ... are blocked in the subprocess)."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "pats"
+    data.mkdir()
+    for name in ("pt_1", "pt_2", "pt_3"):
+        (data / name).symlink_to(OPENKBP_DIR / name)
+    root = Path(__file__).resolve().parents[2]
+
+    def run(*args: str) -> None:
+        out = subprocess.run([sys.executable, "-c", _GPU_NODE_ONLY, "contour-dose", *args], cwd=root,
+                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, out.stderr[-2000:]
+
+    run("pack", "--data", str(data), "--out", str(tmp_path / "cache"))
+    run("train", "--data", str(tmp_path / "cache"), "--out", str(tmp_path / "model"), "--model", "multi-automated",
+        "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--widths", "4,8,16,32,64", "--amp", "bf16")
+    run("predict", "--data", str(data), "--model", str(tmp_path / "model"), "--out", str(tmp_path / "pred"))
+    assert sorted(p.name for p in (tmp_path / "pred").glob("pt_*.csv")) == ["pt_1.csv", "pt_2.csv", "pt_3.csv"]
