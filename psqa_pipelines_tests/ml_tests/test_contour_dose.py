@@ -364,15 +364,21 @@ def test_unknown_variant_and_missing_val_are_clear_errors(syn_cache, tmp_path):
 # ---------------------------------------------------------------------------------------
 # CLI on real OpenKBP patients: pack -> train -> predict (submission CSVs)
 # ---------------------------------------------------------------------------------------
+def _three_patients(tmp_path: Path) -> Path:
+    """A DIR of OpenKBP ``pt_N/`` folders (links to pt_1..pt_3 of the real data)."""
+    data = tmp_path / "pats"
+    data.mkdir()
+    for name in ("pt_1", "pt_2", "pt_3"):
+        (data / name).symlink_to(OPENKBP_DIR / name)
+    return data
+
+
 @needs_openkbp
 def test_cli_train_predict_writes_submission_csvs(tmp_path):
     from ml.cli import main
     from ml.data.openkbp import load_patient, read_sparse
 
-    data = tmp_path / "pats"
-    data.mkdir()
-    for name in ("pt_1", "pt_2", "pt_3"):
-        (data / name).symlink_to(OPENKBP_DIR / name)
+    data = _three_patients(tmp_path)
     model = tmp_path / "model"
     assert main(["contour-dose", "train", "--data", str(data), "--out", str(model), "--model", "product",
                  "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--widths", "4,8,16,32,64"]) == 0
@@ -439,10 +445,7 @@ def test_cli_pack_train_predict_need_only_torch_numpy_pandas_pyarrow(tmp_path):
     import subprocess
     import sys
 
-    data = tmp_path / "pats"
-    data.mkdir()
-    for name in ("pt_1", "pt_2", "pt_3"):
-        (data / name).symlink_to(OPENKBP_DIR / name)
+    data = _three_patients(tmp_path)
     root = Path(__file__).resolve().parents[2]
 
     def run(*args: str) -> None:
