@@ -156,7 +156,7 @@ def _contour_dose(args: argparse.Namespace) -> int:
                 df.to_csv(args.tables / f"dvh_{v}.csv", index=False)
             for v, df in res["contours"].items():
                 df.to_csv(args.tables / f"contours_{v}.csv", index=False)
-        text = json.dumps(out, indent=2, default=float)
+        text = json.dumps(_json_safe(out), indent=2, default=float, allow_nan=False)
         if args.out:
             Path(args.out).write_text(text)
         print(text)
@@ -167,6 +167,19 @@ def _contour_dose(args: argparse.Namespace) -> int:
     print(json.dumps({"patients": int((summary["status"] == "ok").sum()),
                       "skipped": int((summary["status"] != "ok").sum()), "out": str(Path(args.out).resolve())}))
     return 0 if (summary["status"] == "ok").any() else 1
+
+
+def _json_safe(obj):
+    """NaN / inf -> None (null) throughout, so the report is strict JSON."""
+    import math
+
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def build_parser() -> argparse.ArgumentParser:

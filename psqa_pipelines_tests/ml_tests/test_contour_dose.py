@@ -410,7 +410,7 @@ def test_cli_train_predict_writes_submission_csvs(tmp_path):
     report = tmp_path / "eval.json"
     assert main(["contour-dose", "evaluate", "--data", str(model / "cache"), "--model", str(model), "--split", "test",
                  "--out", str(report), "--tables", str(tmp_path / "tables")]) == 0
-    ev = json.loads(report.read_text())
+    ev = json.loads(report.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON report"))
     assert ev["tables"] == ["scores.md"]  # the seed's tables need the paper's models
     assert "| Product |" in (tmp_path / "tables" / "scores.md").read_text()
     pp = pd.read_csv(tmp_path / "tables" / "per_patient.csv")
