@@ -130,15 +130,18 @@ def markdown_tables(res: dict) -> dict[str, str]:
     """The seed's tables of an ``evaluate`` result as markdown, by file name: ``scores.md`` (dose /
     DVH score, mean Dice and HD95 per model), ``dvh_mae_table.md`` (DVH-MAE per ROI and metric with
     relative differences; * marks the Multi-Automated cells significant after Bonferroni),
-    ``dvh_tests.md`` (one-sided paired t-tests) and ``contour_table.md`` (Dice / HD95 per OAR)."""
+    ``dvh_tests.md`` (one-sided paired t-tests, Multi-Automated < Seq-Automated) and ``contour_table.md`` (Dice / HD95 per OAR)."""
     from ml.contour_dose import stats
 
-    tables = {"scores.md": stats.to_markdown(res["scores"], decimals=4)}
+    tables = {"scores.md": stats.to_markdown(res["scores"].set_index("model"), decimals=4)}
     if "dvh_table" in res:
         tables["dvh_mae_table.md"] = stats.to_markdown(stats.format_dvh_table(res["dvh_table"], res.get("dvh_tests"),
                                                                               marked="Multi-Automated"))
     if "dvh_tests" in res:
-        tables["dvh_tests.md"] = stats.to_markdown(res["dvh_tests"].reset_index())
+        tests = res["dvh_tests"].rename(columns={"mean_a": "MAE Multi-Automated", "mean_b": "MAE Seq-Automated"})
+        for col in ("p", "p_bonferroni"):  # small p-values keep their magnitude
+            tests[col] = [f"{v:.2g}" for v in tests[col]]
+        tables["dvh_tests.md"] = stats.to_markdown(tests)  # (ROI, metric) rows
     if "contour_table" in res:
         tables["contour_table.md"] = stats.to_markdown(stats.format_contour_table(res["contour_table"]))
     return tables

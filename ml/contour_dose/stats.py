@@ -268,7 +268,9 @@ def contour_table(
 def _fmt(value: object, decimals: int) -> str:
     if isinstance(value, (bool, np.bool_)):
         return DAGGER if value else ""
-    if isinstance(value, (int, float, np.integer, np.floating)):
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))  # counts (patients, n) stay integers
+    if isinstance(value, (float, np.floating)):
         v = float(value)
         return "—" if np.isnan(v) else f"{v:.{decimals}f}"
     return "" if value is None else str(value)
