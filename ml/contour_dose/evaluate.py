@@ -129,8 +129,9 @@ def evaluate(predictions: pd.DataFrame, cache_dir: str | os.PathLike) -> dict:
 def markdown_tables(res: dict) -> dict[str, str]:
     """The seed's tables of an ``evaluate`` result as markdown, by file name: ``scores.md`` (dose /
     DVH score, mean Dice and HD95 per model), ``dvh_mae_table.md`` (DVH-MAE per ROI and metric with
-    relative differences; * marks the Multi-Automated cells significant after Bonferroni),
-    ``dvh_tests.md`` (one-sided paired t-tests, Multi-Automated < Seq-Automated) and ``contour_table.md`` (Dice / HD95 per OAR)."""
+    relative differences; a dagger marks the Multi-Automated cells significant after Bonferroni),
+    ``dvh_tests.md`` (one-sided paired t-tests, Multi-Automated < Seq-Automated) and
+    ``contour_table.md`` (Dice / HD95 per OAR)."""
     from ml.contour_dose import stats
 
     tables = {"scores.md": stats.to_markdown(res["scores"].set_index("model"), decimals=4)}
