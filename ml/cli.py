@@ -8,8 +8,8 @@
                                     [--device cuda] [--max-minutes N]  DIR: a cache or OpenKBP pt_N/ folders
     python -m ml contour-dose predict --data DIR --model MODEL_DIR --out PRED_DIR [--tta]
                                                                   one pt_N.csv per patient (submission format)
-    python -m ml contour-dose evaluate --data CACHE --model MODEL_DIR [MODEL_DIR ...] [--split test] [--tta] [--tables DIR]
-                                                                  OpenKBP dose/DVH scores, Dice per ROI
+    python -m ml contour-dose evaluate --data CACHE --model MODEL_DIR [MODEL_DIR ...] [--split test] [--tta]
+                                       [--tables DIR]             OpenKBP dose/DVH scores, Dice per ROI, seed tables
 """
 
 from __future__ import annotations
