@@ -18,23 +18,25 @@ import sys
 import time
 from pathlib import Path
 
-from psqa_pipelines.settings import PACKAGE_DIR, REPO_DIR, default_home
+from psqa_pipelines.settings import PACKAGE_DIR, REPO_DIR, child_env, dagster_home, default_home
 
 
-def _env(home: Path) -> None:
+def _env(home: Path) -> Path:
+    """Point this process (and its children) at ``home``; returns the Dagster home."""
     os.environ["PSQA_HOME"] = str(home)
-    os.environ.setdefault("DAGSTER_HOME", str(home / "dagster"))
+    dagster_dir = dagster_home(home)  # DAGSTER_HOME when set, else <home>/dagster
+    os.environ["DAGSTER_HOME"] = str(dagster_dir)
+    return dagster_dir
 
 
 def init(home: Path) -> None:
     from psqa_pipelines.resources import MlflowResource, PsqaStorage
 
-    _env(home)
+    dagster_dir = _env(home)
     storage = PsqaStorage(home=str(home))
     storage.ensure_dirs()
-    dagster_home = Path(os.environ["DAGSTER_HOME"])
-    dagster_home.mkdir(parents=True, exist_ok=True)
-    cfg = dagster_home / "dagster.yaml"
+    dagster_dir.mkdir(parents=True, exist_ok=True)
+    cfg = dagster_dir / "dagster.yaml"
     if not cfg.exists():
         shutil.copyfile(PACKAGE_DIR / "instance" / "dagster.yaml", cfg)
     MlflowResource().ensure_store()
@@ -83,7 +85,7 @@ def demo(home: Path, studies: int, with_shared: bool, qa_plans: int = 60, contou
     with dg.DagsterInstance.get() as instance:
         report = run_inbox_cycle(defs, instance)
         if qa_plans > 0:
-            from psqa_pipelines.psqa.training import training_assets
+            from psqa_pipelines.defs.psqa.training import training_assets
 
             print("training BMMQA and its baselines (small CPU configuration), evaluating, promoting ...")
             run_config = {"ops": {a.key.to_user_string(): {"config": DEMO_TRAINING} for a in training_assets}}
@@ -96,7 +98,7 @@ def demo(home: Path, studies: int, with_shared: bool, qa_plans: int = 60, contou
                                     "DD SSIM mean") if c in ev.columns]
                 print(ev[cols].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
         if contour_dose:
-            from psqa_pipelines.contour_dose.training import training_assets as cd_assets
+            from psqa_pipelines.defs.contour_dose.training import training_assets as cd_assets
 
             print("training the contour + dose family (tiny CPU models), evaluating, exporting DICOM ...")
             run_config = {"ops": {a.key.to_user_string(): {"config": DEMO_CONTOUR_DOSE} for a in cd_assets}}
@@ -126,7 +128,7 @@ def demo(home: Path, studies: int, with_shared: bool, qa_plans: int = 60, contou
 
 def dev(home: Path, dagster_port: int, mlflow_port: int) -> int:
     init(home)
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    env = child_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     mlflow_cmd = [
         sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
         "--default-artifact-root", (home / "mlflow" / "artifacts").as_uri(), "--host", "127.0.0.1",

@@ -1,19 +1,17 @@
-"""The code location: every domain's Definitions merged, plus the shared resources.
+"""The code location: the ``defs/`` folder (loaded by convention) plus the shared resources and
+the automation sensor.
 
-Resources are built once from the environment (``PSQA_HOME`` and friends, see
-``psqa_pipelines.settings``); tests build their own with temporary folders.
+``dg.load_from_defs_folder`` imports every module under ``psqa_pipelines/defs/`` (one folder per
+domain: ingest, preprocess, lake, psqa, contour_dose) and registers each module-level asset,
+asset check, job, sensor and schedule exactly once. Resources are built from the environment
+(``PSQA_HOME`` and friends, read only by ``psqa_pipelines.settings``); tests build their own with
+temporary folders.
 """
 
-
-import os
+from pathlib import Path
 
 import dagster as dg
 
-from psqa_pipelines.contour_dose import definitions as contour_dose
-from psqa_pipelines.ingest import definitions as ingest
-from psqa_pipelines.lake import definitions as lake
-from psqa_pipelines.preprocess import definitions as preprocess
-from psqa_pipelines.psqa import definitions as psqa
 from psqa_pipelines.resources import (
     ComputeResource,
     DeidentificationResource,
@@ -21,21 +19,21 @@ from psqa_pipelines.resources import (
     MlflowResource,
     PsqaStorage,
 )
+from psqa_pipelines.settings import deid_secret_config
 
 
 def build_resources(storage: PsqaStorage | None = None, mlflow: MlflowResource | None = None) -> dict:
     storage = storage or PsqaStorage()
-    secret = dg.EnvVar("PSQA_DEID_SECRET") if os.environ.get("PSQA_DEID_SECRET") else ""
     return {
         "storage": storage,
         "io_manager": LakeParquetIOManager(storage=storage),
-        "deid": DeidentificationResource(secret=secret),
+        "deid": DeidentificationResource(secret=deid_secret_config()),
         "mlflow": mlflow or MlflowResource(),
         "compute": ComputeResource(),
     }
 
 
-automation = dg.AutomationConditionSensorDefinition(
+lake_automation = dg.AutomationConditionSensorDefinition(
     name="lake_automation",
     target=dg.AssetSelection.all(),
     default_status=dg.DefaultSensorStatus.RUNNING,
@@ -44,14 +42,16 @@ automation = dg.AutomationConditionSensorDefinition(
 )
 
 
+def load_domain_defs() -> dg.Definitions:
+    """Everything under ``psqa_pipelines/defs/`` (the project root is found from this file:
+    ``pyproject.toml``'s ``[tool.dg.project]``, defs module ``psqa_pipelines.defs``)."""
+    return dg.load_from_defs_folder(path_within_project=Path(__file__).resolve().parent)
+
+
 def build_defs(resources: dict | None = None) -> dg.Definitions:
     return dg.Definitions.merge(
-        ingest.defs,
-        preprocess.defs,
-        lake.defs,
-        psqa.defs,
-        contour_dose.defs,
-        dg.Definitions(sensors=[automation], resources=resources or build_resources()),
+        load_domain_defs(),
+        dg.Definitions(sensors=[lake_automation], resources=resources or build_resources()),
     )
 
 

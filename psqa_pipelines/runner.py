@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 
-from psqa_pipelines.ingest.sensors import inbox_sensor
+from psqa_pipelines.defs.ingest.sensors import inbox_sensor
 
 
 @dataclass

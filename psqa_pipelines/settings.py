@@ -1,6 +1,10 @@
-"""Where state lives: one root, ``PSQA_HOME``, with a fixed layout below it.
+"""Where state lives, and every environment variable the Dagster layer reads.
 
-::
+This module is the only reader of the environment in ``psqa_pipelines`` (a test enforces it);
+everything else calls the functions below. Each variable, its default and its meaning is listed
+once, in ``ENV_SETTINGS``.
+
+One root, ``PSQA_HOME``, with a fixed layout below it::
 
     $PSQA_HOME/
       dagster/      DAGSTER_HOME (instance config, SQLite run/event storage, compute logs)
@@ -13,19 +17,71 @@
 Defaults: ``PSQA_HOME`` or ``<checkout>/.psqa``; every sub-path can be overridden through
 the ``PsqaStorage`` resource config or its environment variables (``PSQA_LAKE_DIR``,
 ``PSQA_INBOX_DIR``, ``PSQA_QUARANTINE_DIR``, ``PSQA_OPENKBP_DIR``).
+
+Values are read when a function is called, not at import: a test or a launcher that changes
+the environment is seen by the next call.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
 
 
+@dataclass(frozen=True)
+class EnvSetting:
+    """One environment variable: its name, its documented default and what it controls.
+
+    ``empty_is_unset``: an empty value counts as not set (the default applies); otherwise an
+    empty value is a value (``PSQA_OPENKBP_DIR=""`` switches the OpenKBP source off)."""
+
+    name: str
+    default: str
+    description: str
+    empty_is_unset: bool = True
+
+    def raw(self) -> str | None:
+        """The value as set, or None when unset (or empty, where empty means unset)."""
+        value = os.environ.get(self.name)
+        if value is None or (self.empty_is_unset and value == ""):
+            return None
+        return value
+
+    def get(self) -> str:
+        value = self.raw()
+        return self.default if value is None else value
+
+
+PSQA_HOME = EnvSetting("PSQA_HOME", "<checkout>/.psqa", "root of all pipeline state")
+PSQA_LAKE_DIR = EnvSetting("PSQA_LAKE_DIR", "$PSQA_HOME/lake", "the lake (tables, studies, volumes)")
+PSQA_INBOX_DIR = EnvSetting("PSQA_INBOX_DIR", "$PSQA_HOME/inbox", "landing folder watched by the sensor")
+PSQA_QUARANTINE_DIR = EnvSetting("PSQA_QUARANTINE_DIR", "$PSQA_HOME/quarantine", "rejected files")
+PSQA_OPENKBP_DIR = EnvSetting(
+    "PSQA_OPENKBP_DIR", "../shared/datasets/openkbp/train-pats beside the checkout, if present",
+    "OpenKBP patient folders (read-only source); empty = off", empty_is_unset=False)
+PSQA_DEID_SECRET = EnvSetting("PSQA_DEID_SECRET", "", "HMAC key of the pseudonyms; unset = the documented dev secret")
+MLFLOW_TRACKING_URI = EnvSetting("MLFLOW_TRACKING_URI", "sqlite:///$PSQA_HOME/mlflow/mlflow.db",
+                                 "MLflow tracking (and registry) store")
+DAGSTER_HOME = EnvSetting("DAGSTER_HOME", "$PSQA_HOME/dagster", "Dagster instance folder", empty_is_unset=False)
+PSQA_RETRAIN_CRON = EnvSetting("PSQA_RETRAIN_CRON", "0 2 * * 1", "cron of psqa_retrain_schedule (Monday 02:00)",
+                               empty_is_unset=False)
+PSQA_RETRAIN_MIN_NEW_PLANS = EnvSetting("PSQA_RETRAIN_MIN_NEW_PLANS", "20",
+                                        "new labelled plans needed before the schedule retrains BMMQA",
+                                        empty_is_unset=False)
+
+ENV_SETTINGS: tuple[EnvSetting, ...] = (
+    PSQA_HOME, PSQA_LAKE_DIR, PSQA_INBOX_DIR, PSQA_QUARANTINE_DIR, PSQA_OPENKBP_DIR, PSQA_DEID_SECRET,
+    MLFLOW_TRACKING_URI, DAGSTER_HOME, PSQA_RETRAIN_CRON, PSQA_RETRAIN_MIN_NEW_PLANS,
+)
+
+
+# -- locations -------------------------------------------------------------------------------
 def default_home() -> Path:
-    env = os.environ.get("PSQA_HOME")
+    env = PSQA_HOME.raw()
     if env:
         return Path(env).expanduser().resolve()
     if (REPO_DIR / "pyproject.toml").exists():
@@ -36,13 +92,61 @@ def default_home() -> Path:
 def default_openkbp_dir() -> str:
     """``PSQA_OPENKBP_DIR``, else ``../shared/datasets/openkbp/train-pats`` beside the checkout
     when it exists, else empty (the OpenKBP source is then off)."""
-    env = os.environ.get("PSQA_OPENKBP_DIR")
+    env = PSQA_OPENKBP_DIR.raw()
     if env is not None:
         return env
     candidate = REPO_DIR.parent / "shared" / "datasets" / "openkbp" / "train-pats"
     return str(candidate) if candidate.is_dir() else ""
 
 
-def env_path(name: str, default: Path) -> str:
-    value = os.environ.get(name)
-    return str(Path(value).expanduser()) if value else str(default)
+def storage_dir_override(kind: str) -> Path | None:
+    """``PSQA_LAKE_DIR`` / ``PSQA_INBOX_DIR`` / ``PSQA_QUARANTINE_DIR`` for kind lake / inbox /
+    quarantine, or None when unset (the storage resource then uses ``<home>/<kind>``)."""
+    setting = {"lake": PSQA_LAKE_DIR, "inbox": PSQA_INBOX_DIR, "quarantine": PSQA_QUARANTINE_DIR}[kind]
+    value = setting.raw()
+    return Path(value).expanduser() if value else None
+
+
+def dagster_home(home: Path) -> Path:
+    """``DAGSTER_HOME`` when set, else ``<home>/dagster``."""
+    value = DAGSTER_HOME.raw()
+    return Path(value) if value is not None else home / "dagster"
+
+
+def child_env(**overrides: str) -> dict[str, str]:
+    """This process's environment plus ``overrides``, for servers started as child processes."""
+    return dict(os.environ, **overrides)
+
+
+# -- MLflow ----------------------------------------------------------------------------------
+def mlflow_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI``, else SQLite under ``$PSQA_HOME/mlflow/mlflow.db``."""
+    env = MLFLOW_TRACKING_URI.raw()
+    if env:
+        return env
+    return f"sqlite:///{default_home() / 'mlflow' / 'mlflow.db'}"
+
+
+def mlflow_artifact_root() -> str:
+    return str(default_home() / "mlflow" / "artifacts")
+
+
+# -- de-identification -----------------------------------------------------------------------
+def deid_secret_config():
+    """The ``secret`` config of ``DeidentificationResource``: ``dg.EnvVar("PSQA_DEID_SECRET")``
+    when the variable is set (Dagster resolves it, and the UI shows the variable's name, never
+    the key), else "" (the documented development secret, with a warning at ingestion)."""
+    import dagster as dg
+
+    return dg.EnvVar(PSQA_DEID_SECRET.name) if PSQA_DEID_SECRET.raw() else ""
+
+
+# -- PSQA retraining -------------------------------------------------------------------------
+def retrain_cron() -> str:
+    """Cron of ``psqa_retrain_schedule`` (``PSQA_RETRAIN_CRON``, default Monday 02:00)."""
+    return PSQA_RETRAIN_CRON.get()
+
+
+def retrain_min_new_plans() -> int:
+    """New labelled plans needed before the schedule retrains (``PSQA_RETRAIN_MIN_NEW_PLANS``, 20)."""
+    return int(PSQA_RETRAIN_MIN_NEW_PLANS.get())

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pydicom
 
-from ml.contour_dose.train import VARIANTS
-from psqa_pipelines.contour_dose.training import TRAINED_VARIANTS, registered_name
+from ml.contour_dose.variants import VARIANTS
+from psqa_pipelines.defs.contour_dose.training import TRAINED_VARIANTS, registered_name
 from psqa_pipelines.resources import PsqaStorage
 from psqa_pipelines.runner import run_inbox_cycle
 from psqa_pipelines_tests.conftest import OPENKBP_DIR, SMALL_STUDY

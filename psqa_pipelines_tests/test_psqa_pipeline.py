@@ -45,7 +45,7 @@ def _mat_metadata(instance, key: str) -> dict:
 def test_psqa_two_rounds_lineage_and_champion(simulated, storage, tmp_path, monkeypatch):
     from psqa_pipelines.constants import CHAMPION_ALIAS, PSQA_MODEL_NAME
     from psqa_pipelines.definitions import build_defs, build_resources
-    from psqa_pipelines.psqa.jobs import psqa_retrain_schedule
+    from psqa_pipelines.defs.psqa.schedules import psqa_retrain_schedule
     from psqa_pipelines.resources import MlflowResource
     from psqa_pipelines.runner import run_inbox_cycle
 

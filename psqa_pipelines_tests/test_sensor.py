@@ -10,7 +10,7 @@ import time
 import dagster as dg
 import pydicom
 
-from psqa_pipelines.ingest.sensors import inbox_sensor
+from psqa_pipelines.defs.ingest.sensors import inbox_sensor
 from psqa_pipelines.resources import DeidentificationResource, PsqaStorage
 from psqa_pipelines.runner import run_inbox_cycle
 from psqa_pipelines_tests.conftest import copy_into

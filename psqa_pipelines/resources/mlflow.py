@@ -26,18 +26,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from psqa_pipelines.settings import REPO_DIR, default_home
-
-
-def _default_tracking_uri() -> str:
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{default_home() / 'mlflow' / 'mlflow.db'}"
-
-
-def _default_artifact_root() -> str:
-    return str(default_home() / "mlflow" / "artifacts")
+from psqa_pipelines.settings import REPO_DIR, mlflow_artifact_root, mlflow_tracking_uri
 
 
 def git_sha() -> str:
@@ -64,9 +53,9 @@ def pinned_requirements() -> list[str]:
 
 
 class MlflowResource(dg.ConfigurableResource):
-    tracking_uri: str = Field(default_factory=_default_tracking_uri)
+    tracking_uri: str = Field(default_factory=mlflow_tracking_uri)
     registry_uri: str = Field(default="", description="defaults to the tracking URI")
-    artifact_root: str = Field(default_factory=_default_artifact_root)
+    artifact_root: str = Field(default_factory=mlflow_artifact_root)
     experiment: str = Field(default="psqa")
     ui_url: str = Field(default="http://127.0.0.1:5000", description="where `make dev` serves the MLflow UI")
 

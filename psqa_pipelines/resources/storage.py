@@ -6,7 +6,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from psqa_pipelines.settings import default_home, default_openkbp_dir
+from psqa_pipelines.settings import default_home, default_openkbp_dir, storage_dir_override
 
 
 class PsqaStorage(dg.ConfigurableResource):
@@ -29,26 +29,22 @@ class PsqaStorage(dg.ConfigurableResource):
     def home_path(self) -> Path:
         return Path(self.home).expanduser()
 
-    def _sub(self, override: str, name: str, env: str) -> Path:
-        import os
-
+    def _sub(self, override: str, name: str) -> Path:
         if override:
             return Path(override).expanduser()
-        if os.environ.get(env):
-            return Path(os.environ[env]).expanduser()
-        return self.home_path / name
+        return storage_dir_override(name) or self.home_path / name
 
     @property
     def lake(self) -> Path:
-        return self._sub(self.lake_dir, "lake", "PSQA_LAKE_DIR")
+        return self._sub(self.lake_dir, "lake")
 
     @property
     def inbox(self) -> Path:
-        return self._sub(self.inbox_dir, "inbox", "PSQA_INBOX_DIR")
+        return self._sub(self.inbox_dir, "inbox")
 
     @property
     def quarantine(self) -> Path:
-        return self._sub(self.quarantine_dir, "quarantine", "PSQA_QUARANTINE_DIR")
+        return self._sub(self.quarantine_dir, "quarantine")
 
     @property
     def tables(self) -> Path:

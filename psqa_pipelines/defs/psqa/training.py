@@ -87,7 +87,7 @@ def make_training_asset(variant: str):
                 mlflow.client().log_artifact(run_id, str(model_dir / name), artifact_path="training")
             curves = contribution_curves_png(history, title=variant)
             mlflow.log_artifact_bytes(run_id, curves, "plots/contribution_curves.png")
-            from ml.psqa.train import load_model
+            from ml.psqa.predict import load_model
 
             model, scaler, _ = load_model(model_dir)
             side = int(np.load(Path(pack["pack_dir"]) / "images.npy", mmap_mode="r").shape[-1])

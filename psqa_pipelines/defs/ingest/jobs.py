@@ -1,6 +1,6 @@
 import dagster as dg
 
-from psqa_pipelines.partitions import studies_partitions
+from psqa_pipelines.lib.partitions import studies_partitions
 
 ingest_study_job = dg.define_asset_job(
     name="ingest_study_job",

@@ -8,7 +8,7 @@ import pandas as pd
 from ml.data.phi import table_phi_violations
 from ml.data.quarantine import QUARANTINE_COLUMNS
 from ml.utils.tables import schema_violations
-from psqa_pipelines.lake.assets import LAKE_TABLES
+from psqa_pipelines.defs.lake.assets import LAKE_TABLES
 
 KEY_COLUMNS = {
     "file_index": ["study_key", "sha256", "stored_path", "modality"],
@@ -66,9 +66,12 @@ def grids_consistent(volume_manifest: pd.DataFrame) -> dg.AssetCheckResult:
 
 
 def build_lake_checks() -> list:
+    """schema, no_phi and no_missing_keys for every lake-wide table and the quarantine table."""
     checks = []
     for table, columns in LAKE_TABLES.items():
         checks += _checks_for(table, columns)
     checks += _checks_for("quarantine_table", {c: ("int64" if c == "size_bytes" else "str") for c in QUARANTINE_COLUMNS})
-    checks.append(grids_consistent)
     return checks
+
+
+lake_table_checks = build_lake_checks()

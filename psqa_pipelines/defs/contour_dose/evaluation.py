@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from psqa_pipelines.constants import CONTOUR_DOSE_TRAINING, OWNER_ML
-from psqa_pipelines.contour_dose.training import TRAINED_VARIANTS
+from psqa_pipelines.defs.contour_dose.training import TRAINED_VARIANTS
 from psqa_pipelines.lib.metadata import md_png, md_table
 from psqa_pipelines.resources import ComputeResource, MlflowResource, PsqaStorage
 
@@ -32,7 +32,7 @@ def _model_dirs(models: dict[str, pd.DataFrame]) -> dict[str, str]:
 def contour_dose_predictions(context: dg.AssetExecutionContext, storage: PsqaStorage, compute: ComputeResource,
                              contour_dose_cache: pd.DataFrame, contour_dose_split: pd.DataFrame,
                              **models: pd.DataFrame) -> pd.DataFrame:
-    from ml.contour_dose.evaluate import predict_cases
+    from ml.contour_dose.predict import predict_cases
 
     cache = contour_dose_cache.iloc[0]
     from ml.contour_dose.cache import Cache

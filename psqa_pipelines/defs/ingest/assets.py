@@ -14,7 +14,7 @@ from ml.data.phi import dicom_phi_violations, table_phi_violations
 from ml.data.quarantine import Quarantine, records_frame, write_log
 from psqa_pipelines.constants import INGEST, OWNER_DATA
 from psqa_pipelines.lib.metadata import counts_table, md_table
-from psqa_pipelines.partitions import studies_partitions
+from psqa_pipelines.lib.partitions import studies_partitions
 from psqa_pipelines.resources import DeidentificationResource, PsqaStorage
 
 raw_inbox = dg.AssetSpec(

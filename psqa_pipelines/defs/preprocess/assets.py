@@ -11,7 +11,7 @@ from ml.utils.io import sha256_file
 from ml.viz import study_preview_png
 from psqa_pipelines.constants import OWNER_DATA, PREPROCESS
 from psqa_pipelines.lib.metadata import counts_table, md_png, md_table
-from psqa_pipelines.partitions import studies_partitions
+from psqa_pipelines.lib.partitions import studies_partitions
 from psqa_pipelines.resources import PsqaStorage
 
 # sanity ranges per volume kind: (min allowed, max allowed)

@@ -5,7 +5,7 @@
   are linked to the BMMQA logged model, and the headline metrics as tags on its registered version.
 * ``psqa_shapley_report``: per-plan Shapley modality contributions (Parquet), contributions over
   training epochs and on the test set, plots; logged into the BMMQA training run.
-* ``psqa_challenger_eval`` -> blocking check ``challenger_beats_champion`` -> ``psqa_champion``:
+* ``psqa_challenger_eval`` -> blocking check ``challenger_beats_champion`` (``checks.py``) -> ``psqa_champion``:
   the new BMMQA version (challenger) and the version holding the ``champion`` alias are evaluated
   on the same test split of the current pack (the split is stable across rounds, see
   ``ml.psqa.split``); only if the challenger wins does ``psqa_champion`` move the alias.
@@ -68,13 +68,15 @@ def psqa_evaluation(context: dg.AssetExecutionContext, config: PsqaEvaluationSet
     from ml.psqa.dataset import CRITERIA, LABEL_COLUMNS, load_pack
     from ml.psqa.evaluate import ablation_table, gpr_metrics
     from ml.psqa.plots import bland_altman_png, dd_examples_png, scatter_png
+    from ml.psqa.predict import predict_models
 
     pack_row = psqa_pack.iloc[0]
     pack_dir = str(pack_row["pack_dir"])
     rows = {name.removeprefix("psqa_model_"): df.iloc[0] for name, df in models.items()}
-    table, preds = ablation_table({v: str(r["model_dir"]) for v, r in rows.items()}, pack_dir, config.split)
+    preds = predict_models({v: str(r["model_dir"]) for v, r in rows.items()}, pack_dir, config.split)
     pack = load_pack(pack_dir)
     test = pack.split(config.split)
+    table = ablation_table(preds, test, pack.dd_for(test), pack.split("train"))
 
     bm_df, bm_dd = preds["bmmqa"]
     per_criterion = pd.DataFrame([{"criterion": crit, **gpr_metrics(bm_df[f"pred_{col}"].to_numpy(), test[col].to_numpy())}
@@ -154,7 +156,8 @@ def psqa_evaluation(context: dg.AssetExecutionContext, config: PsqaEvaluationSet
 )
 def psqa_shapley_report(context: dg.AssetExecutionContext, storage: PsqaStorage, mlflow: MlflowResource,
                         psqa_model_bmmqa: pd.DataFrame, psqa_pack: pd.DataFrame) -> pd.DataFrame:
-    from ml.psqa.evaluate import shapley_summary, shapley_table
+    from ml.psqa.evaluate import shapley_summary
+    from ml.psqa.predict import shapley_table
     from ml.psqa.plots import contribution_curves_png, shapley_bars_png
 
     bm = psqa_model_bmmqa.iloc[0]
@@ -200,7 +203,9 @@ class ChampionSettings(dg.Config):
 )
 def psqa_challenger_eval(context: dg.AssetExecutionContext, config: ChampionSettings, mlflow: MlflowResource,
                          psqa_model_bmmqa: pd.DataFrame, psqa_pack: pd.DataFrame) -> pd.DataFrame:
+    from ml.psqa.dataset import load_pack
     from ml.psqa.evaluate import compare_models
+    from ml.psqa.predict import predict
 
     bm = psqa_model_bmmqa.iloc[0]
     champion = mlflow.get_version_by_alias(PSQA_MODEL_NAME, CHAMPION_ALIAS)
@@ -211,7 +216,10 @@ def psqa_challenger_eval(context: dg.AssetExecutionContext, config: ChampionSett
             context.log.info("the challenger already holds the champion alias")
         if not champion_dir or not Path(champion_dir).exists():
             raise dg.Failure(f"champion v{champion.version} has no local model_dir tag/folder to evaluate")
-    result = compare_models(str(bm["model_dir"]), champion_dir, str(psqa_pack.iloc[0]["pack_dir"]), config.split,
+    pack_dir = str(psqa_pack.iloc[0]["pack_dir"])
+    challenger_pred = predict(str(bm["model_dir"]), pack_dir, config.split, device="cpu")[0]
+    champion_pred = predict(champion_dir, pack_dir, config.split, device="cpu")[0] if champion_dir else None
+    result = compare_models(challenger_pred, champion_pred, load_pack(pack_dir).split(config.split), config.split,
                             margin=config.margin_pp)
     row = {"challenger_version": str(bm["model_version"]),
            "champion_version": "" if champion is None else str(champion.version),
@@ -227,15 +235,6 @@ def psqa_challenger_eval(context: dg.AssetExecutionContext, config: ChampionSett
     context.add_output_metadata({**{k: v for k, v in row.items() if k != "challenger_model_dir"},
                                  "mlflow_run": dg.MetadataValue.url(mlflow.run_url(run_id))})
     return pd.DataFrame([row])
-
-
-@dg.asset_check(asset=psqa_challenger_eval, blocking=True,
-                description="Blocks promotion unless the challenger beats the champion on the fixed test split.")
-def challenger_beats_champion(psqa_challenger_eval: pd.DataFrame) -> dg.AssetCheckResult:
-    r = psqa_challenger_eval.iloc[0]
-    return dg.AssetCheckResult(passed=bool(r["promote"]), severity=dg.AssetCheckSeverity.ERROR, metadata={
-        "reason": str(r["reason"]), "challenger_version": str(r["challenger_version"]),
-        "champion_version": str(r["champion_version"])})
 
 
 @dg.asset(

@@ -20,8 +20,8 @@ import json
 import dagster as dg
 
 from ml.data.inbox import fingerprint, read_receipt, scan_sources
-from psqa_pipelines.ingest.jobs import inbox_triage_job, ingest_study_job, qa_results_job
-from psqa_pipelines.partitions import studies_partitions
+from psqa_pipelines.defs.ingest import jobs
+from psqa_pipelines.lib.partitions import studies_partitions
 from psqa_pipelines.resources import DeidentificationResource, PsqaStorage
 
 
@@ -36,7 +36,7 @@ def _load_cursor(raw: str | None) -> dict:
 
 @dg.sensor(
     name="inbox_sensor",
-    jobs=[ingest_study_job, inbox_triage_job, qa_results_job],
+    jobs=[jobs.ingest_study_job, jobs.inbox_triage_job, jobs.qa_results_job],
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Watches $PSQA_HOME/inbox and the OpenKBP folder; one partition and one run per new or changed study.",
@@ -59,11 +59,12 @@ def inbox_sensor(context: dg.SensorEvaluationContext, storage: PsqaStorage, deid
         if key not in existing:
             new_keys.append(key)
         requests.append(dg.RunRequest(
-            job_name=ingest_study_job.name, partition_key=key, run_key=f"{key}:{fp}",
+            job_name=jobs.ingest_study_job.name, partition_key=key, run_key=f"{key}:{fp}",
             tags={"psqa/source": group.source},
         ))
     # one run per distinct set of loose files: unattributable files -> triage, QA exports -> qa_results
-    for cursor_key, job, attr in (("triage", inbox_triage_job, "unattributed"), ("qa_results", qa_results_job, "qa_tables")):
+    for cursor_key, job, attr in (("triage", jobs.inbox_triage_job, "unattributed"),
+                                  ("qa_results", jobs.qa_results_job, "qa_tables")):
         files = [ref for s in scan.scans.values() for ref in getattr(s, attr)]
         if files and (fp := fingerprint(files)) != cursor[cursor_key]:
             requests.append(dg.RunRequest(job_name=job.name, run_key=f"{cursor_key}:{fp}"))

@@ -13,7 +13,7 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from ml.contour_dose.train import MODEL_NAMES, VARIANTS
+from ml.contour_dose.variants import MODEL_NAMES, VARIANTS
 from psqa_pipelines.constants import CONTOUR_DOSE_MODEL_PREFIX, CONTOUR_DOSE_TRAINING, OWNER_ML
 from psqa_pipelines.lib.metadata import md_table
 from psqa_pipelines.resources import ComputeResource, MlflowResource, PsqaStorage
@@ -61,7 +61,8 @@ def make_training_asset(variant: str):
     def _train(context: dg.AssetExecutionContext, config: ContourDoseTrainSettings, storage: PsqaStorage,
                compute: ComputeResource, mlflow: MlflowResource, contour_dose_cache: pd.DataFrame,
                **upstream: pd.DataFrame) -> pd.DataFrame:
-        from ml.contour_dose.train import TrainConfig, load_model, train
+        from ml.contour_dose.predict import load_model
+        from ml.contour_dose.train import TrainConfig, train
 
         cache = contour_dose_cache.iloc[0]
         plan = compute.plan()

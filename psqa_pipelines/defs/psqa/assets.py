@@ -21,9 +21,9 @@ from ml.psqa.qa_results import QA_TABLE_COLUMNS, read_qa_results
 from ml.utils.io import sha256_bytes, sha256_file
 from ml.utils.tables import typed_frame
 from psqa_pipelines.constants import OWNER_ML, OWNER_PHYSICS, PSQA
-from psqa_pipelines.lake.assets import LAKE_AUTOMATION, _all_partitions
+from psqa_pipelines.lib.automation import lake_automation_condition
 from psqa_pipelines.lib.metadata import counts_table, md_png, md_table
-from psqa_pipelines.partitions import studies_partitions
+from psqa_pipelines.lib.partitions import all_partitions_in, studies_partitions
 from psqa_pipelines.resources import DeidentificationResource, PsqaStorage
 
 PLAN_ID_COLUMNS = {"study_key": "str", "patient_id": "str", "plan_key": "str", "plan_uid": "str"}
@@ -153,7 +153,7 @@ def qa_results_table(context: dg.AssetExecutionContext, storage: PsqaStorage,
     return out
 
 
-psqa_common = dict(group_name=PSQA, owners=[OWNER_ML], automation_condition=LAKE_AUTOMATION, code_version="1")
+psqa_common = dict(group_name=PSQA, owners=[OWNER_ML], automation_condition=lake_automation_condition, code_version="1")
 
 
 def _gather(parts) -> pd.DataFrame:
@@ -161,7 +161,7 @@ def _gather(parts) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-@dg.asset(ins={"parts": _all_partitions("plan_complexity")}, kinds={"parquet"},
+@dg.asset(ins={"parts": all_partitions_in("plan_complexity")}, kinds={"parquet"},
           description="Plan-complexity feature table of every plan (the tabular modality).", **psqa_common)
 def psqa_features(context: dg.AssetExecutionContext, parts: dict[str, pd.DataFrame]) -> pd.DataFrame:
     df = _gather(parts)
@@ -171,7 +171,7 @@ def psqa_features(context: dg.AssetExecutionContext, parts: dict[str, pd.DataFra
     return df
 
 
-@dg.asset(ins={"parts": _all_partitions("qa_labels")}, kinds={"parquet"},
+@dg.asset(ins={"parts": all_partitions_in("qa_labels")}, kinds={"parquet"},
           description="Composite-plane labels of every measured plan: GPR per criterion and DD statistics.",
           **psqa_common)
 def psqa_labels(context: dg.AssetExecutionContext, parts: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -186,7 +186,7 @@ def psqa_labels(context: dg.AssetExecutionContext, parts: dict[str, pd.DataFrame
     return df
 
 
-@dg.asset(ins={"parts": _all_partitions("qa_planes")}, kinds={"parquet"},
+@dg.asset(ins={"parts": all_partitions_in("qa_planes")}, kinds={"parquet"},
           description="Manifest of every plan's QA planes.", **psqa_common)
 def psqa_planes(context: dg.AssetExecutionContext, parts: dict[str, pd.DataFrame]) -> pd.DataFrame:
     df = _gather(parts)
@@ -271,24 +271,3 @@ def qa_label_agreement(context: dg.AssetExecutionContext, storage: PsqaStorage,
         md["by_criterion"] = md_table(out.groupby("criterion")["diff_pp"].describe().reset_index(), floatfmt=".3f")
     context.add_output_metadata(md)
     return out
-
-
-@dg.asset_check(asset=qa_label_agreement, description=(
-    "Our gamma labels reproduce the clinic's QA results: >= 95 % of composite (plan, criterion) pairs within "
-    "1 percentage point (a different QA device or gamma software shows up here first)."))
-def labels_match_clinic_qa(qa_label_agreement: pd.DataFrame) -> dg.AssetCheckResult:
-    if len(qa_label_agreement) == 0:
-        return dg.AssetCheckResult(passed=True, metadata={"pairs": 0, "note": "no clinic QA results to compare"})
-    within = float((qa_label_agreement["diff_pp"].abs() <= 1.0).mean())
-    return dg.AssetCheckResult(passed=within >= 0.95, severity=dg.AssetCheckSeverity.WARN, metadata={
-        "pairs": len(qa_label_agreement), "fraction_within_1pp": within,
-        "max_abs_diff_pp": float(qa_label_agreement["diff_pp"].abs().max())})
-
-
-@dg.asset_check(asset="psqa_split", description="No patient appears in two splits; every labelled plan has a split.")
-def split_has_no_leaks(psqa_split: pd.DataFrame) -> dg.AssetCheckResult:
-    per_patient = psqa_split.groupby("patient_id")["split"].nunique() if len(psqa_split) else pd.Series(dtype=int)
-    leaks = int((per_patient > 1).sum())
-    return dg.AssetCheckResult(passed=bool(leaks == 0 and psqa_split["split"].notna().all()), metadata={
-        "patients_in_two_splits": leaks, "plans": len(psqa_split),
-        "by_split": dg.MetadataValue.json(psqa_split["split"].value_counts().to_dict() if len(psqa_split) else {})})

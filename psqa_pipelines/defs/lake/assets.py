@@ -13,15 +13,10 @@ from ml.data.preprocess import MANIFEST_COLUMNS
 from ml.data.quarantine import read_log
 from ml.utils.tables import typed_frame
 from psqa_pipelines.constants import LAKE, OWNER_DATA
+from psqa_pipelines.lib.automation import lake_automation_condition
 from psqa_pipelines.lib.metadata import counts_table, md_table
+from psqa_pipelines.lib.partitions import all_partitions_in
 from psqa_pipelines.resources import PsqaStorage
-
-# eager, but a missing/failed study partition does not block the lake-wide table
-LAKE_AUTOMATION = (
-    dg.AutomationCondition.eager()
-    .without(~dg.AutomationCondition.any_deps_missing())
-    .with_label("eager (tolerates missing partitions)")
-)
 
 STUDY_COLUMNS = {
     "study_key": "str", "patient_id": "str", "source": "str", "modalities": "str", "n_series": "int64",
@@ -37,14 +32,10 @@ def _concat(parts: dict[str, pd.DataFrame] | None, columns: dict[str, str]) -> p
     return pd.concat(frames, ignore_index=True)[list(columns)]
 
 
-def _all_partitions(name: str) -> dg.AssetIn:
-    return dg.AssetIn(key=name, metadata={"allow_missing_partitions": True, "fan_in": True})
+common = dict(group_name=LAKE, owners=[OWNER_DATA], automation_condition=lake_automation_condition, code_version="1")
 
 
-common = dict(group_name=LAKE, owners=[OWNER_DATA], automation_condition=LAKE_AUTOMATION, code_version="1")
-
-
-@dg.asset(ins={"parts": _all_partitions("study_files")}, kinds={"parquet"},
+@dg.asset(ins={"parts": all_partitions_in("study_files")}, kinds={"parquet"},
           description="DICOM/NIfTI/OpenKBP file index: one row per ingested file of every study "
                       "(pseudonymous ids, modality, SOP class, geometry, sha256 of stored copy and source).",
           **common)
@@ -58,7 +49,7 @@ def file_index(context: dg.AssetExecutionContext, parts: dict[str, pd.DataFrame]
     return df
 
 
-@dg.asset(ins={"parts": _all_partitions("study_series")}, kinds={"parquet"},
+@dg.asset(ins={"parts": all_partitions_in("study_series")}, kinds={"parquet"},
           description="Series/object table: one row per image series or RT object of every study.",
           **common)
 def series_index(context: dg.AssetExecutionContext, parts: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -68,7 +59,7 @@ def series_index(context: dg.AssetExecutionContext, parts: dict[str, pd.DataFram
     return df
 
 
-@dg.asset(ins={"parts": _all_partitions("study_volumes")}, kinds={"parquet", "nifti"},
+@dg.asset(ins={"parts": all_partitions_in("study_volumes")}, kinds={"parquet", "nifti"},
           description="Volume manifest: every preprocessed volume (path, shape, spacing, origin, sha256, grid id) "
                       "of every study. Models read volumes through this table, never through the IO manager.",
           **common)
