@@ -29,7 +29,8 @@ def main() -> None:
     import torch
 
     from ml.contour_dose.cache import Cache, pack_openkbp_dir
-    from ml.contour_dose.train import PRODUCT_ROIS, build_slices, make_batch
+    from ml.contour_dose.slices import build_slices, make_batch
+    from ml.contour_dose.variants import PRODUCT_ROIS
     from ml.data.openkbp import load_patient
 
     torch.set_num_threads(2)

@@ -36,15 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ml.contour_dose.losses import DWA  # noqa: E402
 from ml.contour_dose.models import build_model  # noqa: E402
-from ml.contour_dose.train import (  # noqa: E402
-    VARIANTS,
-    TrainConfig,
-    build_slices,
-    in_channels,
-    make_batch,
-    model_config,
-    train_step,
-)
+from ml.contour_dose.slices import build_slices, make_batch  # noqa: E402
+from ml.contour_dose.train import TrainConfig, model_config, train_step  # noqa: E402
+from ml.contour_dose.variants import VARIANTS, in_channels  # noqa: E402
 from ml.utils.torch_utils import resolve_device, set_seed  # noqa: E402
 
 SIZE = 128

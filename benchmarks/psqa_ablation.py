@@ -76,6 +76,7 @@ def main() -> None:
 
     from ml.psqa.dataset import load_pack
     from ml.psqa.evaluate import ablation_table
+    from ml.psqa.predict import predict_models
     from ml.psqa.train import VARIANTS, TrainConfig, train
 
     torch.set_num_threads(2)
@@ -97,7 +98,8 @@ def main() -> None:
         print(f"{v}: best epoch {m['best_epoch']}/{m['epochs_run']}, {m['train_samples_per_s']:.0f} samples/s, "
               f"{timing.get(v, float('nan')):.0f} s")
         dirs[v] = str(d)
-    table, _ = ablation_table(dirs, str(pack_dir), "test")
+    rows_t = pack.split("test")
+    table = ablation_table(predict_models(dirs, pack_dir), rows_t, pack.dd_for(rows_t), pack.split("train"))
     cols = ["model", "MAE 3%/3mm", "MAE 2%/3mm", "MAE 2%/2mm", "MAE GPR<90 (2%/2mm)", "AUC fail (2%/2mm)",
             "Spearman (2%/2mm)", "DD SSIM mean", "DD MAE (%)"]
     print(table[[c for c in cols if c in table.columns]].to_markdown(index=False, floatfmt=".3f"))

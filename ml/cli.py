@@ -36,14 +36,17 @@ def _sample_data(args: argparse.Namespace) -> int:
 
 
 def _bmmqa(args: argparse.Namespace) -> int:
-    from ml.psqa import train as T
+    from ml.psqa import predict as P
 
     if args.action == "train":
-        cfg = T.TrainConfig(variant=args.variant, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                            seed=args.seed, device=args.device, max_minutes=args.max_minutes,
-                            patience=args.patience, warmup_epochs=args.warmup_epochs,
-                            model=json.loads(args.model_json) if args.model_json else {})
-        metrics = T.train(args.data, args.out, cfg)
+        from ml.psqa.train import TrainConfig, train
+
+        cfg = TrainConfig(variant=args.variant, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                          seed=args.seed, device=args.device, max_minutes=args.max_minutes,
+                          patience=args.patience, warmup_epochs=args.warmup_epochs,
+                          checkpoint_minutes=args.checkpoint_minutes, log_every=args.log_every,
+                          model=json.loads(args.model_json) if args.model_json else {})
+        metrics = train(args.data, args.out, cfg)
         print(json.dumps(metrics))
         return 0
     if args.action == "predict":
@@ -51,13 +54,19 @@ def _bmmqa(args: argparse.Namespace) -> int:
 
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        df, dd = T.predict(args.model, args.data, None if args.split == "all" else args.split, args.device)
+        df, dd = P.predict(args.model, args.data, None if args.split == "all" else args.split, args.device)
         df.to_parquet(out / "predictions.parquet", index=False)
         if dd is not None:
             np.save(out / "dd_pred.npy", dd.astype(np.float32))
         print(json.dumps({"plans": len(df), "out": str(out.resolve())}))
         return 0
-    result = T.evaluate(args.model, args.data, args.split, args.device)
+    from ml.psqa.dataset import load_pack
+    from ml.psqa.evaluate import split_metrics
+
+    pack = load_pack(args.data)
+    rows = pack.split(args.split)
+    df, dd = P.predict(args.model, args.data, args.split, args.device)
+    result = split_metrics(df, dd, rows, pack.dd_for(rows), args.split)
     text = json.dumps(result, indent=2, default=float)
     if args.out:
         Path(args.out).write_text(text)
@@ -121,7 +130,8 @@ def _contour_dose(args: argparse.Namespace) -> int:
                           steps_per_epoch=args.steps_per_epoch, seed=args.seed, device=args.device,
                           max_minutes=args.max_minutes, patience=args.patience, augment=not args.no_augment,
                           widths=tuple(int(w) for w in args.widths.split(",")), val_patients=args.val_patients,
-                          contour_model=str(args.contour_model) if args.contour_model else None, amp=args.amp)
+                          contour_model=str(args.contour_model) if args.contour_model else None, amp=args.amp,
+                          checkpoint_minutes=args.checkpoint_minutes, log_every=args.log_every)
         metrics = train(data, args.out, cfg, split=args.split)
         print(json.dumps(metrics, default=float))
         return 0
@@ -129,7 +139,8 @@ def _contour_dose(args: argparse.Namespace) -> int:
         import tempfile
 
         from ml.contour_dose.cache import Cache
-        from ml.contour_dose.evaluate import evaluate, markdown_tables, predict_cases
+        from ml.contour_dose.evaluate import evaluate, markdown_tables
+        from ml.contour_dose.predict import predict_cases
         from ml.contour_dose.train import load_split
 
         models = {json.loads((Path(m) / "config.json").read_text())["variant"]: m for m in args.model}
@@ -182,6 +193,14 @@ def _json_safe(obj):
     return obj
 
 
+def _engine_options(p: argparse.ArgumentParser) -> None:
+    """The shared training engine's checkpoint and progress options."""
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0,
+                   help="also checkpoint every N minutes inside an epoch (resumable mid-epoch); default 5")
+    p.add_argument("--log-every", type=int, default=0,
+                   help="progress line every N steps (default: every 30 s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ml", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -210,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--patience", type=int, default=15)
     bm.add_argument("--warmup-epochs", type=int, default=5)
     bm.add_argument("--device", default="auto")
-    bm.add_argument("--max-minutes", type=float, default=None)
+    bm.add_argument("--max-minutes", type=float, default=None, help="time budget, checked after every step")
+    _engine_options(bm)
     bm.add_argument("--split", default="test")
     bm.add_argument("--model-json", default="", help='BMMQAConfig overrides, e.g. \'{"enc_widths": [16,32,64,128]}\'')
     bm.set_defaults(func=_bmmqa)
@@ -252,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--val-patients", type=int, default=None)
     tr.add_argument("--no-augment", action="store_true")
     tr.add_argument("--device", default="auto")
-    tr.add_argument("--max-minutes", type=float, default=None)
+    tr.add_argument("--max-minutes", type=float, default=None, help="time budget, checked after every step")
+    _engine_options(tr)
     tr.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
                     help="bf16 autocast: auto = on CUDA only; bf16 = also on a CPU with AVX512-BF16")
     tr.set_defaults(func=_contour_dose)

@@ -1,7 +1,8 @@
 """Evaluate trained contour + dose models on held-out patients (spec §B.7-B.8, ``domain-notes`` §1.1).
 
-* ``predict_cases``: every model predicts every case (dose in Gy, zero outside the pdm; label
-  maps), saved as ``<out>/<variant>/<patient>.npz``.
+Metrics only: predictions come from ``ml.contour_dose.predict.predict_cases`` (every model on
+every case, saved as ``<out>/<variant>/<patient>.npz``).
+
 * ``evaluate``: per model the official OpenKBP dose and DVH scores (``ml.metrics.openkbp``);
   the seed's DVH-MAE table (Brainstem, SpinalCord, parotids x D0.1cc, Dmean) across Baseline /
   Seq-Human / Seq-Automated / Multi-Automated with relative differences and one-sided paired
@@ -16,44 +17,15 @@ imported lazily.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ml.contour_dose.cache import Cache, Entry
-from ml.contour_dose.train import MODEL_NAMES, VARIANTS
+from ml.contour_dose.variants import MODEL_NAMES, VARIANTS
 
 DOSE_VARIANTS = ("dose-only", "seq-human", "seq-automated", "multi-automated", "product")
 CONTOUR_VARIANTS = ("contour-only", "multi-automated", "product")
-
-
-def predict_cases(model_dirs: dict[str, str | os.PathLike], cache_dir: str | os.PathLike, patient_ids: list[str],
-                  out_dir: str | os.PathLike, device: str = "auto", tta_flip: bool = False, log=print) -> pd.DataFrame:
-    from ml.contour_dose.predict import predict_entry
-    from ml.contour_dose.train import load_model
-    from ml.data.ingest import save_npz_deterministic
-
-    cache = Cache.open(cache_dir)
-    out_dir = Path(out_dir)
-    rows = []
-    for variant, model_dir in model_dirs.items():
-        lm = load_model(model_dir, device)
-        for pid in patient_ids:
-            entry = cache.load(pid)
-            res = predict_entry(lm, entry, tta_flip=tta_flip)
-            arrays = {}
-            if "dose" in res:
-                arrays["dose"] = res["dose"].astype(np.float32)
-            if "labels" in res:
-                arrays["labels"] = res["labels"]
-                arrays["rois"] = np.asarray(lm.rois, dtype="U16")
-            path = out_dir / variant / f"{pid}.npz"
-            save_npz_deterministic(path, arrays)
-            rows.append({"variant": variant, "patient_id": pid, "path": str(path), "has_dose": "dose" in res,
-                         "has_contours": "labels" in res})
-        log(f"predicted {len(patient_ids)} patients with {variant}")
-    return pd.DataFrame(rows)
 
 
 def _load_pred(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 CRITERIA = ("3%/3mm", "3%/2mm", "2%/3mm", "2%/2mm")
 LABEL_COLUMNS = ("gpr_3_3", "gpr_3_2", "gpr_2_3", "gpr_2_2")
@@ -91,6 +92,10 @@ class Pack:
     def split(self, name: str) -> pd.DataFrame:
         return self.table[self.table["split"] == name]
 
+    def dd_for(self, rows: pd.DataFrame) -> np.ndarray:
+        """The measured dose-difference maps of ``rows`` (N, 1, H, W)."""
+        return np.asarray(self.dd[rows["image_index"].to_numpy()])
+
 
 def load_pack(root: str | os.PathLike, mmap: bool = False) -> Pack:
     root = Path(root)
@@ -115,3 +120,25 @@ def write_pack(root: str | os.PathLike, table: pd.DataFrame, images: np.ndarray,
     write_parquet_atomic(root / "dataset.parquet", table)
     atomic_write_json(root / "meta.json", meta)
     return root
+
+
+@dataclass
+class Tensors:
+    """Model inputs and labels of a set of pack rows (CPU tensors)."""
+
+    image: torch.Tensor
+    table: torch.Tensor
+    gpr: torch.Tensor
+    dd: torch.Tensor
+    keys: list[str]
+
+
+def tensors_for(pack: Pack, rows: pd.DataFrame, scaler: TabularScaler, label_columns=LABEL_COLUMNS) -> Tensors:
+    idx = rows["image_index"].to_numpy()
+    return Tensors(
+        image=torch.from_numpy(np.asarray(pack.images[idx], dtype=np.float32)),
+        table=torch.from_numpy(scaler.transform(rows)),
+        gpr=torch.from_numpy(rows[list(label_columns)].to_numpy(dtype=np.float32, copy=True)),
+        dd=torch.from_numpy(np.asarray(pack.dd[idx], dtype=np.float32)),
+        keys=rows["plan_key"].astype(str).tolist(),
+    )

@@ -6,6 +6,8 @@ predicted GPR as score: sensitivity, specificity (predicted < 90 = fail), ROC AU
 (Mann-Whitney, ties counted half). DD maps: SSIM per plan (data range = range of the
 measured map, at least 1 %), reported as mean and max ("peak"), and MAE in % of max dose.
 Always compare against the predict-the-training-mean baseline: GPR distributions are skewed.
+
+Metrics only: every function here takes predictions (``ml.psqa.predict``), never a model.
 """
 
 from __future__ import annotations
@@ -91,21 +93,34 @@ def mean_predictor_metrics(train_labels: pd.DataFrame, test_labels: pd.DataFrame
     return gpr_metrics(pred, test_labels[column].to_numpy())
 
 
-def ablation_table(model_dirs: dict[str, str], pack_dir: str, split: str = "test") -> tuple[pd.DataFrame, dict]:
-    """One row per variant (+ the mean predictor): the issue's comparison on the test split.
+def split_metrics(pred: pd.DataFrame, dd_pred: np.ndarray | None, rows: pd.DataFrame,
+                  true_dd: np.ndarray | None, split: str = "test") -> dict:
+    """Metrics of one model's predictions (``ml.psqa.predict.predict``) on a split: GPR metrics per
+    criterion (failing plans included) and DD SSIM/MAE (``python -m ml bmmqa evaluate``)."""
+    from ml.psqa.dataset import CRITERIA, LABEL_COLUMNS
 
-    Returns the table and, per variant, the predictions (GPR frame, DD maps) for plots.
+    result: dict = {"split": split, "n": len(rows)}
+    if f"pred_{LABEL_COLUMNS[0]}" in pred:
+        for col, name in zip(LABEL_COLUMNS, CRITERIA, strict=True):
+            result[name] = gpr_metrics(pred[f"pred_{col}"].to_numpy(), rows[col].to_numpy())
+    if dd_pred is not None and true_dd is not None:
+        m = dd_metrics(dd_pred, true_dd)
+        m.pop("per_plan_ssim")
+        result["dd"] = m
+    return result
+
+
+def ablation_table(predictions: dict[str, tuple[pd.DataFrame, np.ndarray | None]], rows_t: pd.DataFrame,
+                   true_dd: np.ndarray, train_rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per model (+ the mean predictor): the issue's comparison on the test split.
+
+    ``predictions``: {model: (GPR frame, DD maps)} from ``ml.psqa.predict.predict_models`` on the
+    rows ``rows_t`` (whose measured DD maps are ``true_dd``); ``train_rows`` give the mean predictor.
     """
-    from ml.psqa.dataset import CRITERIA, LABEL_COLUMNS, load_pack
-    from ml.psqa.train import predict
+    from ml.psqa.dataset import CRITERIA, LABEL_COLUMNS
 
-    pack = load_pack(pack_dir)
-    rows_t = pack.split(split)
-    true_dd = np.asarray(pack.dd[rows_t["image_index"].to_numpy()])
-    rows, preds = [], {}
-    for variant, mdir in model_dirs.items():
-        df, dd = predict(mdir, pack_dir, split, device="cpu")
-        preds[variant] = (df, dd)
+    rows = []
+    for variant, (df, dd) in predictions.items():
         row: dict = {"model": variant}
         if "pred_gpr_2_2" in df:
             for col, crit in zip(LABEL_COLUMNS, CRITERIA, strict=True):
@@ -119,44 +134,13 @@ def ablation_table(model_dirs: dict[str, str], pack_dir: str, split: str = "test
             d = dd_metrics(dd, true_dd)
             row.update({"DD SSIM mean": d["ssim_mean"], "DD SSIM max": d["ssim_max"], "DD MAE (%)": d["mae"]})
         rows.append(row)
-    train_rows = pack.split("train")
     base: dict = {"model": "mean predictor"}
     for col, crit in zip(LABEL_COLUMNS, CRITERIA, strict=True):
         base[f"MAE {crit}"] = mean_predictor_metrics(train_rows, rows_t, col)["mae"]
     m22 = mean_predictor_metrics(train_rows, rows_t, "gpr_2_2")
     base["MAE GPR<90 (2%/2mm)"] = m22["mae_fail"]
     rows.append(base)
-    return pd.DataFrame(rows), preds
-
-
-def shapley_table(model_dir: str, pack_dir: str, splits: tuple[str, ...] = ("train", "val", "test"),
-                  device: str = "cpu") -> pd.DataFrame:
-    """Per-plan Shapley modality contributions of a trained model.
-
-    One row per (plan, task): ``phi_image`` and ``phi_table`` are the two-player Shapley values of
-    the task error (``ml.psqa.shapley.task_errors``: GPR MAE over criteria, DD L1), measured as the
-    *reduction* of the error a modality brings (positive = the modality helps), computed with the
-    fast coalition forward (each encoder once, coalitions through the heads as one batch).
-    """
-    from ml.psqa.dataset import load_pack
-    from ml.psqa.train import load_model, resolve_device, shapley_on, tensors_for
-
-    dev = resolve_device(device)
-    model, scaler, _ = load_model(model_dir, str(dev))
-    pack = load_pack(pack_dir)
-    frames = []
-    for split in splits:
-        rows = pack.split(split)
-        if not len(rows):
-            continue
-        data = tensors_for(pack, rows, scaler)
-        phi = shapley_on(model, data, dev)
-        for task, v in phi.items():
-            frames.append(pd.DataFrame({"plan_key": data.keys, "split": split, "task": task,
-                                        "phi_image": v[:, 0].astype(float), "phi_table": v[:, 1].astype(float)}))
-    if not frames:
-        return pd.DataFrame(columns=["plan_key", "split", "task", "phi_image", "phi_table"])
-    return pd.concat(frames, ignore_index=True)
+    return pd.DataFrame(rows)
 
 
 def shapley_summary(table: pd.DataFrame) -> pd.DataFrame:
@@ -174,31 +158,25 @@ def shapley_summary(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def compare_models(challenger_dir: str, champion_dir: str | None, pack_dir: str, split: str = "test",
-                   metric: str = "gpr_2_2", margin: float = 0.0) -> dict:
+def compare_models(challenger: pd.DataFrame, champion: pd.DataFrame | None, rows: pd.DataFrame,
+                   split: str = "test", metric: str = "gpr_2_2", margin: float = 0.0) -> dict:
     """Champion/challenger decision on one (fixed) split: the challenger is promoted when its MAE
     at ``metric`` is lower than the champion's by more than ``margin`` percentage points (ties keep
-    the champion). Without a champion the challenger is promoted. Both models are evaluated on the
-    same rows of the same pack."""
-    from ml.psqa.dataset import load_pack
-    from ml.psqa.train import predict
-
-    pack = load_pack(pack_dir)
-    rows = pack.split(split)
+    the champion). Without a champion the challenger is promoted. ``challenger``/``champion`` are
+    the two models' predictions (``ml.psqa.predict.predict``) on the same ``rows`` of one pack."""
     if not len(rows):
         raise ValueError(f"the pack has no {split!r} rows to compare on")
     true = rows[metric].to_numpy()
     result = {"split": split, "metric": metric, "n": int(len(rows)), "margin": float(margin)}
-    for role, mdir in (("challenger", challenger_dir), ("champion", champion_dir)):
-        if mdir is None:
+    for role, df in (("challenger", challenger), ("champion", champion)):
+        if df is None:
             result[f"{role}_mae"] = float("nan")
             result[f"{role}_n_fail"] = float("nan")
             continue
-        df, _ = predict(mdir, pack_dir, split, device="cpu")
         m = gpr_metrics(df[f"pred_{metric}"].to_numpy(), true)
         result[f"{role}_mae"] = m["mae"]
         result[f"{role}_auc"] = m["auc"]
-    if champion_dir is None:
+    if champion is None:
         result["promote"], result["reason"] = True, "no champion yet"
     else:
         gain = result["champion_mae"] - result["challenger_mae"]

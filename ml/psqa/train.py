@@ -30,10 +30,12 @@ Balancing (seed-methods.md §A.4; every default the paper does not state is name
 
 Losses: GPR SmoothL1 on GPR/10 (percent / 10, beta 1) averaged over criteria; DD
 L1 + 0.1 * (1 - SSIM). Optimiser AdamW (lr 1e-3, wd 1e-4), cosine decay, batch 32, early
-stopping on validation MAE at 2%/2mm (DD MAE for ``dd_only``) with patience 15. Mixed precision
-(bf16 autocast) on CUDA; deterministic seeds; a checkpoint after every epoch
-(``checkpoint.pt``: model, optimiser, scheduler, EMA state, history, RNG states) and automatic
-resume from it; ``max_minutes`` stops cleanly between epochs (resume continues).
+stopping on validation MAE at 2%/2mm (DD MAE for ``dd_only``) with patience 15. The loop itself is
+the shared engine's (``ml.training``): bf16 autocast on CUDA, deterministic seeds, checkpoints
+after every epoch and every ``checkpoint_minutes`` (model, optimiser, scheduler, balancer state
+with its in-epoch accumulators, history, RNG states), automatic resume (also mid-epoch), the
+``max_minutes`` budget checked after every step, progress callbacks. This module only says what
+a BMMQA step is (``BMMQATask``).
 """
 
 from __future__ import annotations
@@ -41,27 +43,22 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.nn import functional as F
 
 from ml.metrics.image import ssim
 from ml.psqa.bmmqa import BMMQA, MODALITIES, BMMQAConfig
-from ml.psqa.dataset import CRITERIA, LABEL_COLUMNS, PRIMARY, Pack, TabularScaler, load_pack
+from ml.psqa.dataset import LABEL_COLUMNS, PRIMARY, Tensors, TabularScaler, load_pack, tensors_for
+from ml.psqa.predict import predict_tensors
 from ml.psqa.shapley import coalition_shapley, task_errors
-from ml.utils.torch_utils import (
-    matching_checkpoint,
-    resolve_device,
-    restore_training,
-    save_checkpoint,
-    set_seed,
-    stop_reason,
-)
+from ml.training import Callback, FitSettings, Trainer, TrainTask, autocast, resolve_amp
+from ml.utils.torch_utils import resolve_device, set_seed
+
+__all__ = ["VARIANTS", "BMMQATask", "Balancer", "TrainConfig", "build_model", "task_losses", "train"]
 
 VARIANTS: dict[str, dict] = {
     "bmmqa": {"model": {}, "balance": True},
@@ -75,16 +72,16 @@ VARIANTS: dict[str, dict] = {
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(FitSettings):
+    """A BMMQA run: the variant, its optimisation and balancing settings, and the engine's knobs
+    (``FitSettings``: epochs, seed, device, amp, max_minutes, patience, grad_clip, checkpoint_minutes,
+    log_every)."""
+
     variant: str = "bmmqa"
     epochs: int = 60
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "auto"  # auto | bf16 | off
-    max_minutes: float | None = None
     patience: int = 15
     warmup_epochs: int = 5
     modulation_end: float = 0.8
@@ -106,26 +103,6 @@ def build_model(cfg: TrainConfig, n_tab: int, in_channels: int, n_criteria: int)
     mcfg = BMMQAConfig(in_channels=in_channels, n_tab=n_tab, n_criteria=n_criteria, **{
         k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
     return BMMQA(mcfg)
-
-
-@dataclass
-class Tensors:
-    image: torch.Tensor
-    table: torch.Tensor
-    gpr: torch.Tensor
-    dd: torch.Tensor
-    keys: list[str]
-
-
-def tensors_for(pack: Pack, rows: pd.DataFrame, scaler: TabularScaler, label_columns=LABEL_COLUMNS) -> Tensors:
-    idx = rows["image_index"].to_numpy()
-    return Tensors(
-        image=torch.from_numpy(np.asarray(pack.images[idx], dtype=np.float32)),
-        table=torch.from_numpy(scaler.transform(rows)),
-        gpr=torch.from_numpy(rows[list(label_columns)].to_numpy(dtype=np.float32, copy=True)),
-        dd=torch.from_numpy(np.asarray(pack.dd[idx], dtype=np.float32)),
-        keys=rows["plan_key"].astype(str).tolist(),
-    )
 
 
 class Balancer:
@@ -177,11 +154,13 @@ class Balancer:
 
     def state(self) -> dict:
         return {"psi": {t: (None if v is None else v.tolist()) for t, v in self.psi.items()},
-                "weights": self.weights}
+                "weights": self.weights, "epoch_psi": {t: [p.tolist() for p in v] for t, v in self.epoch_psi.items()}}
 
     def load(self, state: dict) -> None:
         self.psi = {t: (None if v is None else np.asarray(v)) for t, v in state["psi"].items()}
         self.weights = state["weights"]
+        self.epoch_psi = {t: [np.asarray(p) for p in v] for t, v in state.get("epoch_psi", {}).items()} or {
+            t: [] for t in self.tasks}
 
 
 def task_losses(out: dict[str, torch.Tensor], gpr: torch.Tensor, dd: torch.Tensor, ssim_weight: float
@@ -197,36 +176,6 @@ def task_losses(out: dict[str, torch.Tensor], gpr: torch.Tensor, dd: torch.Tenso
     return losses
 
 
-@torch.no_grad()
-def predict_tensors(model: BMMQA, data: Tensors, device: torch.device, batch_size: int = 64,
-                    amp: bool = False) -> dict[str, np.ndarray]:
-    model.eval()
-    outs: dict[str, list[np.ndarray]] = {}
-    for i in range(0, len(data.keys), batch_size):
-        img = data.image[i:i + batch_size].to(device)
-        tab = data.table[i:i + batch_size].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(img, tab)
-        for k, v in out.items():
-            outs.setdefault(k, []).append(v.float().cpu().numpy())
-    return {k: np.concatenate(v) for k, v in outs.items()}
-
-
-@torch.no_grad()
-def shapley_on(model: BMMQA, data: Tensors, device: torch.device, batch_size: int = 64) -> dict[str, np.ndarray]:
-    """Per-sample Shapley values per task on a whole split: {task: (N, 2)} (image, table)."""
-    model.eval()
-    acc: dict[str, list[np.ndarray]] = {}
-    for i in range(0, len(data.keys), batch_size):
-        img, tab = data.image[i:i + batch_size].to(device), data.table[i:i + batch_size].to(device)
-        gpr, dd = data.gpr[i:i + batch_size].to(device), data.dd[i:i + batch_size].to(device)
-        co = model.coalitions(img, tab)
-        phi = coalition_shapley(co, lambda o: task_errors(o, gpr, dd))  # noqa: B023
-        for t, v in phi.items():
-            acc.setdefault(t, []).append(v.T.cpu().numpy())
-    return {t: np.concatenate(v) for t, v in acc.items()}
-
-
 def _val_metrics(pred: dict[str, np.ndarray], data: Tensors) -> dict[str, float]:
     m = {}
     if "gpr" in pred:
@@ -238,15 +187,132 @@ def _val_metrics(pred: dict[str, np.ndarray], data: Tensors) -> dict[str, float]
     return m
 
 
+class BMMQATask(TrainTask):
+    """One BMMQA variant on the engine: shuffled plan batches, the Shapley-balanced forward
+    (loss factors on the features entering each task's fusion), the task losses weighted by the
+    balancer's lambda_t, the coalition pass after each step, per-epoch validation MAE."""
+
+    samples_name = "samples"
+
+    def __init__(self, cfg: TrainConfig, model: BMMQA, train_t: Tensors, val_t: Tensors, device: torch.device) -> None:
+        self.cfg, self.model, self.train_t, self.val_t, self.device = cfg, model, train_t, val_t, device
+        self.amp_dtype = resolve_amp(cfg.amp, device)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(cfg.epochs, 1),
+                                                                    eta_min=cfg.lr * 0.01)
+        self.loss_names = tuple(model.cfg.tasks)
+        self.tag = f"[{cfg.variant}] "
+        self.balance = VARIANTS[cfg.variant]["balance"]
+        self.balancer = Balancer(cfg, self.loss_names)
+        self.gen = torch.Generator()
+        self.n_train = len(train_t.keys)
+        self.perm = torch.arange(self.n_train)
+        self.modulate = False
+        self.weights = {t: 1.0 for t in self.loss_names}
+        self.alphas: list[np.ndarray] = []
+        self.shapley_seconds = 0.0
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.n_train / self.cfg.batch_size)
+
+    def begin_epoch(self, epoch: int) -> None:
+        cfg = self.cfg
+        self.gen.manual_seed(cfg.seed * 1000 + epoch)
+        self.perm = torch.randperm(self.n_train, generator=self.gen)
+        self.modulate = self.balance and cfg.warmup_epochs <= epoch < int(cfg.modulation_end * cfg.epochs)
+        on = self.balance and epoch >= cfg.warmup_epochs
+        self.weights = dict(self.balancer.weights) if on else {t: 1.0 for t in self.loss_names}
+        self.alphas, self.shapley_seconds = [], 0.0
+
+    def batch(self, step: int) -> dict | None:
+        idx = self.perm[step * self.cfg.batch_size:(step + 1) * self.cfg.batch_size]
+        if len(idx) < 2:
+            return None
+        t, dev = self.train_t, self.device
+        img = t.image[idx].to(dev, non_blocking=True)
+        if dev.type == "cuda":
+            img = img.contiguous(memory_format=torch.channels_last)
+        return {"image": img, "table": t.table[idx].to(dev, non_blocking=True), "gpr": t.gpr[idx].to(dev),
+                "dd": t.dd[idx].to(dev)}
+
+    def batch_size(self, batch: dict) -> int:
+        return int(batch["image"].shape[0])
+
+    def forward(self, batch: dict) -> dict:
+        enc = self.model.encode(batch["image"], batch["table"])
+        outs = self.model.heads(enc, loss_factors=self.balancer.loss_factors() if self.modulate else None)
+        return {"enc": enc, "outs": outs}
+
+    def losses(self, out: dict, batch: dict) -> dict[str, torch.Tensor]:
+        return task_losses(out["outs"], batch["gpr"], batch["dd"], self.cfg.dd_ssim_weight)
+
+    def loss_weights(self) -> dict[str, float]:
+        return self.weights
+
+    def after_step(self, step: int, batch: dict, out: dict) -> None:
+        import time
+
+        outs, enc = out["outs"], out["enc"]
+        if "alpha" in outs:
+            self.alphas.append(outs["alpha"].detach().float().mean(0).cpu().numpy())
+        if step % max(self.cfg.shapley_every, 1) or len(self.model.cfg.modalities) != 2:
+            return
+        ts = time.perf_counter()
+        gpr, dd = batch["gpr"], batch["dd"]
+        with torch.no_grad(), _heads_eval(self.model), autocast(self.device, self.amp_dtype):
+            detached = type(enc)(z={k: v.detach() for k, v in enc.z.items()}, feats=[f.detach() for f in enc.feats])
+            co = self.model.coalitions(batch["image"], batch["table"], enc=detached)
+            phi = coalition_shapley({k: {kk: vv.float() for kk, vv in v.items()} for k, v in co.items()},
+                                    lambda o: task_errors(o, gpr, dd))
+        self.balancer.update(phi)
+        self.shapley_seconds += time.perf_counter() - ts
+
+    def end_epoch(self, epoch: int, mean_losses: dict[str, float]) -> dict[str, float]:
+        psi_means = self.balancer.end_epoch()
+        row: dict[str, float] = {"shapley_seconds": self.shapley_seconds}
+        for t, psi in psi_means.items():
+            if psi is not None:
+                row[f"psi_{t}_image"], row[f"psi_{t}_table"] = float(psi[0]), float(psi[1])
+        for t, w in self.weights.items():
+            row[f"lambda_{t}"] = float(w)
+        if self.modulate:
+            for t, ks in self.balancer.loss_factors().items():
+                for m, k in ks.items():
+                    row[f"k_{t}_{m}"] = k
+        if self.alphas:
+            a = np.mean(self.alphas, axis=0)
+            row["alpha_image"], row["alpha_table"] = float(a[0]), float(a[1])
+        return row
+
+    def validate(self, epoch: int) -> dict[str, float]:
+        pred = predict_tensors(self.model, self.val_t, self.device, amp_dtype=self.amp_dtype)
+        return _val_metrics(pred, self.val_t)
+
+    def state_dict(self) -> dict:
+        return {"balancer": self.balancer.state(), "generator": self.gen.get_state(),
+                "alphas": [a.tolist() for a in self.alphas], "shapley_seconds": self.shapley_seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.balancer.load(state["balancer"])
+        self.gen.set_state(state["generator"])
+        self.alphas = [np.asarray(a, dtype=np.float32) for a in state["alphas"]]
+        self.shapley_seconds = state["shapley_seconds"]
+
+
 def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainConfig | None = None,
-          log=print) -> dict:
-    """Train (or resume) one variant; returns the final metrics dict (also in metrics.json)."""
+          log=print, callbacks: list[Callback] | None = None) -> dict:
+    """Train (or resume) one variant; returns the final metrics dict (also in metrics.json).
+
+    Writes ``config.json``, ``tab_scaler.json``, ``model_best.pt``, ``checkpoint.pt``,
+    ``history.csv`` and ``metrics.json`` into ``out_dir``; ``callbacks`` receive the engine's
+    progress, per-epoch rows and checkpoints."""
     cfg = cfg or TrainConfig()
+    if cfg.variant not in VARIANTS:
+        raise ValueError(f"unknown variant {cfg.variant!r}; choose from {sorted(VARIANTS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    use_amp = device.type == "cuda" and cfg.amp in ("auto", "bf16")
     pack = load_pack(data_dir)
     train_rows, val_rows = pack.split("train"), pack.split("val")
     if len(train_rows) == 0 or len(val_rows) == 0:
@@ -258,128 +324,19 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainCon
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1), eta_min=cfg.lr * 0.01)
-    tasks = model.cfg.tasks
-    balancer = Balancer(cfg, tasks)
-    spec = VARIANTS[cfg.variant]
+    task = BMMQATask(cfg, model, train_t, val_t, device)
     (out / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "model": model.cfg.to_dict(),
                                                  "variant": cfg.variant}, indent=2))
     (out / "tab_scaler.json").write_text(json.dumps(scaler.to_dict()))
-    history: list[dict] = []
-    start_epoch, best, best_epoch, stale = 0, float("inf"), -1, 0
-    ckpt_path = out / "checkpoint.pt"
-    ck = matching_checkpoint(ckpt_path, cfg.to_dict(), _identity, device, log)
-    if ck is not None:
-        history, start_epoch, best, best_epoch, stale = restore_training(ck, model, opt, sched)
-        balancer.load(ck["balancer"])
-        log(f"resumed from epoch {ck['epoch']} (best {best:.4f} at epoch {best_epoch})")
-    monitor = "val_dd_mae" if tasks == ("dd",) else f"val_mae_{PRIMARY}"
-    t_start = time.perf_counter()
-    n_train = len(train_t.keys)
-    g = torch.Generator().manual_seed(cfg.seed)
-    samples_seen, train_time = 0, 0.0
-    stopped_by = "epochs"
-    for epoch in range(start_epoch, cfg.epochs):
-        if stop_reason(stale, cfg.patience):  # a resumed run that had already stopped early
-            stopped_by = "early_stopping"
-            break
-        g.manual_seed(cfg.seed * 1000 + epoch)
-        perm = torch.randperm(n_train, generator=g)
-        modulate = spec["balance"] and cfg.warmup_epochs <= epoch < int(cfg.modulation_end * cfg.epochs)
-        weights = balancer.weights if (spec["balance"] and epoch >= cfg.warmup_epochs) else {t: 1.0 for t in tasks}
-        model.train()
-        sums: dict[str, float] = {}
-        n_batches, shapley_time, t0 = 0, 0.0, time.perf_counter()
-        alphas = []
-        for it, i in enumerate(range(0, n_train, cfg.batch_size)):
-            idx = perm[i:i + cfg.batch_size]
-            if len(idx) < 2:
-                continue
-            img = train_t.image[idx].to(device, non_blocking=True)
-            tab = train_t.table[idx].to(device, non_blocking=True)
-            gpr, dd = train_t.gpr[idx].to(device), train_t.dd[idx].to(device)
-            if device.type == "cuda":
-                img = img.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                enc = model.encode(img, tab)
-                outs = model.heads(enc, loss_factors=balancer.loss_factors() if modulate else None)
-            losses = task_losses(outs, gpr, dd, cfg.dd_ssim_weight)
-            loss = sum(weights[t] * losses[t] for t in losses)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if "alpha" in outs:
-                alphas.append(outs["alpha"].detach().float().mean(0).cpu().numpy())
-            if it % max(cfg.shapley_every, 1) == 0 and len(model.cfg.modalities) == 2:
-                ts = time.perf_counter()
-                with torch.no_grad(), _heads_eval(model), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                                         enabled=use_amp):
-                    detached = type(enc)(z={k: v.detach() for k, v in enc.z.items()},
-                                         feats=[f.detach() for f in enc.feats])
-                    co = model.coalitions(img, tab, enc=detached)
-                    phi = coalition_shapley({k: {kk: vv.float() for kk, vv in v.items()} for k, v in co.items()},
-                                            lambda o: task_errors(o, gpr, dd))  # noqa: B023
-                balancer.update(phi)
-                shapley_time += time.perf_counter() - ts
-            for t, v in losses.items():
-                sums[t] = sums.get(t, 0.0) + float(v.detach())
-            n_batches += 1
-        sched.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        epoch_time = time.perf_counter() - t0
-        train_time += epoch_time
-        samples_seen += n_train
-        psi_means = balancer.end_epoch()
-        pred = predict_tensors(model, val_t, device, amp=use_amp)
-        vm = _val_metrics(pred, val_t)
-        row = {"epoch": epoch, "lr": sched.get_last_lr()[0], "epoch_seconds": epoch_time,
-               "shapley_seconds": shapley_time, "samples_per_s": n_train / max(epoch_time, 1e-9),
-               **{f"train_loss_{t}": s / max(n_batches, 1) for t, s in sums.items()}, **vm}
-        for t, psi in psi_means.items():
-            if psi is not None:
-                row[f"psi_{t}_image"], row[f"psi_{t}_table"] = float(psi[0]), float(psi[1])
-        for t, w in weights.items():
-            row[f"lambda_{t}"] = float(w)
-        if modulate:
-            for t, ks in balancer.loss_factors().items():
-                for m, k in ks.items():
-                    row[f"k_{t}_{m}"] = k
-        if alphas:
-            a = np.mean(alphas, axis=0)
-            row["alpha_image"], row["alpha_table"] = float(a[0]), float(a[1])
-        history.append(row)
-        score = vm.get(monitor, float("inf"))
-        if score < best:
-            best, best_epoch, stale = score, epoch, 0
-            torch.save(model.state_dict(), out / "model_best.pt")
-        else:
-            stale += 1
-        log(f"[{cfg.variant}] epoch {epoch} " + " ".join(
-            f"{k}={v:.4g}" for k, v in row.items() if k.startswith(("train_loss", "val_")) or k == "samples_per_s"))
-        _save_checkpoint(ckpt_path, model, opt, sched, balancer, history, epoch, best, best_epoch, stale, cfg)
-        reason = stop_reason(stale, cfg.patience, t_start, cfg.max_minutes)
-        if reason:
-            stopped_by = reason
-            break
-    pd.DataFrame(history).to_csv(out / "history.csv", index=False)
+    monitor = "val_dd_mae" if task.loss_names == ("dd",) else f"val_mae_{PRIMARY}"
+    result = Trainer(task, cfg, out, monitor=monitor, config=cfg.to_dict(), device=device, log=log,
+                     callbacks=callbacks).fit()
     metrics = {
-        "variant": cfg.variant, "best_epoch": best_epoch, f"best_{monitor}": best,
-        "epochs_run": len(history), "stopped_by": stopped_by, "device": str(device),
-        "device_name": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-        "amp": "bf16" if use_amp else "off",
-        "train_samples_per_s": samples_seen / max(train_time, 1e-9) if samples_seen else float("nan"),
-        "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0,
-        "n_train": n_train, "n_val": len(val_t.keys),
+        "variant": cfg.variant, f"best_{monitor}": result.best, **result.common_metrics(),
+        "train_samples_per_s": result.samples_per_s, "n_train": len(train_t.keys), "n_val": len(val_t.keys),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
-
-
-def _identity(d: dict) -> dict:
-    """The parts of a TrainConfig that define the run (the time budget and device do not)."""
-    return {k: v for k, v in d.items() if k not in ("max_minutes", "device")}
 
 
 class _heads_eval:
@@ -397,60 +354,3 @@ class _heads_eval:
     def __exit__(self, *exc):
         for m, p in zip(self.mods, self.prev, strict=True):
             m.train(p)
-
-
-def _save_checkpoint(path: Path, model, opt, sched, balancer, history, epoch, best, best_epoch, stale, cfg) -> None:
-    save_checkpoint(path, {
-        "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-        "balancer": balancer.state(), "history": history, "epoch": epoch, "best": best, "best_epoch": best_epoch,
-        "stale": stale, "train_config": cfg.to_dict()})
-
-
-# ---------------------------------------------------------------------------------------
-# loading a trained model directory
-# ---------------------------------------------------------------------------------------
-def load_model(model_dir: str | os.PathLike, device: str = "cpu") -> tuple[BMMQA, TabularScaler, dict]:
-    model_dir = Path(model_dir)
-    cfg = json.loads((model_dir / "config.json").read_text())
-    model = BMMQA(BMMQAConfig.from_dict(cfg["model"]))
-    state = torch.load(model_dir / "model_best.pt", map_location=device, weights_only=True)
-    model.load_state_dict(state)
-    model.to(device).eval()
-    scaler = TabularScaler.from_dict(json.loads((model_dir / "tab_scaler.json").read_text()))
-    return model, scaler, cfg
-
-
-def predict(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: str | None = "test",
-            device: str = "auto") -> tuple[pd.DataFrame, np.ndarray | None]:
-    """Predicted GPRs (one row per plan) and DD maps for a split of a pack (all rows if None)."""
-    dev = resolve_device(device)
-    model, scaler, _ = load_model(model_dir, str(dev))
-    pack = load_pack(data_dir)
-    rows = pack.table if split is None else pack.split(split)
-    data = tensors_for(pack, rows, scaler)
-    pred = predict_tensors(model, data, dev)
-    df = pd.DataFrame({"plan_key": data.keys})
-    if "gpr" in pred:
-        for j, col in enumerate(LABEL_COLUMNS):
-            df[f"pred_{col}"] = pred["gpr"][:, j]
-    return df, pred.get("dd")
-
-
-def evaluate(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: str = "test",
-             device: str = "auto") -> dict:
-    """Metrics of a trained model on a split (GPR per criterion, failing plans, DD SSIM/MAE)."""
-    from ml.psqa.evaluate import dd_metrics, gpr_metrics
-
-    pack = load_pack(data_dir)
-    rows = pack.split(split)
-    pred_df, dd_pred = predict(model_dir, data_dir, split, device)
-    result: dict = {"split": split, "n": len(rows)}
-    if f"pred_{LABEL_COLUMNS[0]}" in pred_df:
-        for col, name in zip(LABEL_COLUMNS, CRITERIA, strict=True):
-            result[name] = gpr_metrics(pred_df[f"pred_{col}"].to_numpy(), rows[col].to_numpy())
-    if dd_pred is not None:
-        true = np.asarray(pack.dd[rows["image_index"].to_numpy()])
-        m = dd_metrics(dd_pred, true)
-        m.pop("per_plan_ssim")
-        result["dd"] = m
-    return result

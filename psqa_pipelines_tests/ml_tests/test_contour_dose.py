@@ -25,17 +25,9 @@ from ml.contour_dose.cache import (
 from ml.contour_dose.losses import DWA, combo_loss, masked_l1, soft_dice_loss
 from ml.contour_dose.models import CTAN2D, ModelConfig, build_model
 from ml.contour_dose.split import patient_split
-from ml.contour_dose.train import (
-    PAPER_ROIS,
-    VARIANTS,
-    TrainConfig,
-    augment,
-    label_map,
-    lr_swap_index,
-    make_batch,
-    build_slices,
-    train,
-)
+from ml.contour_dose.slices import augment, build_slices, label_map, make_batch
+from ml.contour_dose.train import TrainConfig, train
+from ml.contour_dose.variants import PAPER_ROIS, VARIANTS, lr_swap_index
 from psqa_pipelines_tests.conftest import OPENKBP_DIR, needs_openkbp
 
 TINY = (4, 8, 16, 32, 64)
@@ -291,7 +283,7 @@ def test_resume_after_kill_equals_uninterrupted_run(syn_cache, tmp_path):
     full = train(syn_cache, tmp_path / "full", _cfg(epochs=3), split=SPLIT4, log=lambda *_: None)
     train(syn_cache, tmp_path / "killed", _cfg(epochs=3, max_minutes=0.0), split=SPLIT4, log=lambda *_: None)
     h = pd.read_csv(tmp_path / "killed" / "history.csv")
-    assert len(h) == 1  # the budget stopped it after the first epoch (as a kill would)
+    assert len(h) == 0  # the budget (checked after every step) stopped it after step 1 of epoch 0, as a kill would
     resumed = train(syn_cache, tmp_path / "killed", _cfg(epochs=3), split=SPLIT4, log=lambda *_: None)
     assert resumed["epochs_run"] == 3 and full["epochs_run"] == 3
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
@@ -323,10 +315,10 @@ def test_bf16_autocast_on_cpu_trains_and_resumes_an_fp32_run(syn_cache, tmp_path
     torch.set_num_threads(1)
     kw = dict(epochs=8, steps_per_epoch=6, augment=False, lr=5e-3)
     first = train(syn_cache, tmp_path / "m", _cfg(**kw, amp="off", max_minutes=0.0), split=SPLIT4, log=lambda *_: None)
-    assert first["amp"] == "off" and first["epochs_run"] == 1
+    assert first["amp"] == "off" and first["epochs_run"] == 0 and first["stopped_by"] == "max_minutes"
     logs: list[str] = []
     m = train(syn_cache, tmp_path / "m", _cfg(**kw, amp="bf16"), split=SPLIT4, log=logs.append)
-    assert any("resumed after epoch 0" in line for line in logs)
+    assert any("resumed epoch 0 step 1/6" in line for line in logs)  # mid-epoch, from the budget's checkpoint
     assert m["amp"] == "bf16" and m["epochs_run"] == 8
     h = pd.read_csv(tmp_path / "m" / "history.csv")
     assert np.isfinite(h[["train_loss_dose", "train_loss_contour", "val_loss"]].to_numpy()).all()
@@ -337,8 +329,7 @@ def test_bf16_autocast_on_cpu_trains_and_resumes_an_fp32_run(syn_cache, tmp_path
 
 
 def test_seq_automated_uses_a_contour_model_and_is_self_contained(syn_cache, tmp_path):
-    from ml.contour_dose.predict import predict_entry
-    from ml.contour_dose.train import load_model
+    from ml.contour_dose.predict import load_model, predict_entry
 
     train(syn_cache, tmp_path / "contour", _cfg(variant="contour-only", epochs=1), split=SPLIT4, log=lambda *_: None)
     with pytest.raises(ValueError, match="contour_model"):
@@ -387,8 +378,7 @@ def test_cli_train_predict_writes_submission_csvs(tmp_path):
     assert main(["contour-dose", "predict", "--data", str(data), "--model", str(model), "--out", str(pred),
                  "--tta"]) == 0
     from ml.contour_dose.cache import entry_from_openkbp
-    from ml.contour_dose.predict import predict_entry
-    from ml.contour_dose.train import load_model
+    from ml.contour_dose.predict import load_model, predict_entry
     from ml.data.openkbp import dense, from_canonical_array
 
     lm = load_model(model)
