@@ -22,7 +22,7 @@ from pathlib import Path
 
 
 def _sample_data(args: argparse.Namespace) -> int:
-    from ml.data.sample_data import generate_hn_cohort
+    from ml.data.synthetic import generate_hn_cohort
 
     t0 = time.perf_counter()
     truths = generate_hn_cohort(
@@ -138,6 +138,8 @@ def _contour_dose(args: argparse.Namespace) -> int:
     if args.cd_cmd == "evaluate":
         import tempfile
 
+        from ml.utils.io import json_safe
+
         from ml.contour_dose.cache import Cache
         from ml.contour_dose.evaluate import evaluate, markdown_tables
         from ml.contour_dose.predict import predict_cases
@@ -167,7 +169,7 @@ def _contour_dose(args: argparse.Namespace) -> int:
                 df.to_csv(args.tables / f"dvh_{v}.csv", index=False)
             for v, df in res["contours"].items():
                 df.to_csv(args.tables / f"contours_{v}.csv", index=False)
-        text = json.dumps(_json_safe(out), indent=2, default=float, allow_nan=False)
+        text = json.dumps(json_safe(out), indent=2, default=float, allow_nan=False)
         if args.out:
             Path(args.out).write_text(text)
         print(text)
@@ -178,19 +180,6 @@ def _contour_dose(args: argparse.Namespace) -> int:
     print(json.dumps({"patients": int((summary["status"] == "ok").sum()),
                       "skipped": int((summary["status"] != "ok").sum()), "out": str(Path(args.out).resolve())}))
     return 0 if (summary["status"] == "ok").any() else 1
-
-
-def _json_safe(obj):
-    """NaN / inf -> None (null) throughout, so the report is strict JSON."""
-    import math
-
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def _engine_options(p: argparse.ArgumentParser) -> None:

@@ -44,7 +44,16 @@ from ml.contour_dose.models import ModelConfig, WidthsConfig, build_model, n_par
 from ml.contour_dose.predict import forward_raw, infer_slices, predict_labels
 from ml.contour_dose.slices import SliceData, augment, build_slices, make_batch
 from ml.contour_dose.variants import DOSE_NORM_GY, HU_CLIP, VARIANTS, in_channels
-from ml.training import RUNTIME_FIELDS, Callback, FitSettings, Trainer, TrainTask, optimizer_step, resolve_amp
+from ml.training import (
+    RUNTIME_FIELDS,
+    Callback,
+    FitSettings,
+    Trainer,
+    TrainTask,
+    optimizer_step,
+    resolve_amp,
+    write_metrics,
+)
 from ml.utils.torch_utils import resolve_device, set_seed
 
 __all__ = ["ContourDoseTask", "TrainConfig", "ct_stats", "load_split", "model_config", "task_losses", "train",
@@ -308,8 +317,7 @@ def train(cache_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainCo
         "n_val_patients": len(ids["val"]), "n_train_slices": data["train"].n, "n_parameters": n_parameters(model),
         **{k: v for k, v in result.best_row().items() if k.startswith("val_")},
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    return write_metrics(out / "metrics.json", metrics)
 
 
 def _identity(d: dict) -> dict:

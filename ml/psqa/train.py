@@ -52,10 +52,25 @@ from torch.nn import functional as F
 
 from ml.metrics.image import ssim
 from ml.psqa.bmmqa import BMMQA, MODALITIES, BMMQAConfig
-from ml.psqa.dataset import LABEL_COLUMNS, PRIMARY, Tensors, TabularScaler, load_pack, tensors_for
+from ml.psqa.dataset import (
+    LABEL_COLUMNS,
+    PRIMARY,
+    TabularScaler,
+    Tensors,
+    load_pack,
+    tensors_for,
+)
 from ml.psqa.predict import predict_tensors
 from ml.psqa.shapley import coalition_shapley, task_errors
-from ml.training import Callback, FitSettings, Trainer, TrainTask, autocast, resolve_amp
+from ml.training import (
+    Callback,
+    FitSettings,
+    Trainer,
+    TrainTask,
+    autocast,
+    resolve_amp,
+    write_metrics,
+)
 from ml.utils.torch_utils import resolve_device, set_seed
 
 __all__ = ["VARIANTS", "BMMQATask", "Balancer", "TrainConfig", "build_model", "task_losses", "train"]
@@ -335,8 +350,7 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainCon
         "variant": cfg.variant, f"best_{monitor}": result.best, **result.common_metrics(),
         "train_samples_per_s": result.samples_per_s, "n_train": len(train_t.keys), "n_val": len(val_t.keys),
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    return write_metrics(out / "metrics.json", metrics)
 
 
 class _heads_eval:

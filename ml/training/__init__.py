@@ -11,6 +11,7 @@ from ml.training.engine import (
     autocast,
     optimizer_step,
     resolve_amp,
+    write_metrics,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "resolve_amp",
     "save_checkpoint",
     "save_weights",
+    "write_metrics",
 ]

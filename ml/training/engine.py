@@ -53,6 +53,7 @@ __all__ = [
     "autocast",
     "optimizer_step",
     "resolve_amp",
+    "write_metrics",
 ]
 
 #: Fields of a run's configuration that do not change what the run computes: a checkpoint
@@ -75,6 +76,17 @@ class FitSettings:
     checkpoint_minutes: float | None = 5.0  # mid-epoch checkpoint period (0: after every step; None: epochs only)
     log_every: int = 0  # progress line every N steps (0: time-based only)
     progress_seconds: float = 30.0  # and at least this often
+
+
+def write_metrics(path: str | Path, metrics: dict) -> dict:
+    """``metrics.json`` as strict JSON (non-finite numbers as null); returns what was written."""
+    import json
+
+    from ml.utils.io import json_safe
+
+    clean = json_safe(metrics)
+    Path(path).write_text(json.dumps(clean, indent=2, allow_nan=False))
+    return clean
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:

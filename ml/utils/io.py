@@ -107,3 +107,21 @@ def read_parquet(path: str | os.PathLike) -> Any:
     import pyarrow.parquet as pq
 
     return pq.read_table(path).to_pandas()
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN / inf -> None throughout, numpy scalars -> Python numbers (strict JSON: a report with a
+    missing value, or a run stopped before its first epoch, has null where a number is absent)."""
+    import math
+
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
