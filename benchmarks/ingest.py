@@ -39,7 +39,7 @@ def bench_series(slices: int, matrix: int, repeats: int) -> dict:
     import pydicom
 
     from ml.data.dicom.series import load_series_volume
-    from ml.data.sample_data import generate_hn_study
+    from ml.data.synthetic import generate_hn_study
 
     with tempfile.TemporaryDirectory() as tmp:
         truth = generate_hn_study(tmp, seed=1, matrix=matrix, pixel_spacing_mm=500.0 / matrix, n_slices=slices,

@@ -53,7 +53,7 @@ DEMO_CONTOUR_DOSE = {"epochs": 2, "steps_per_epoch": 10, "batch_size": 8, "width
 def demo(home: Path, studies: int, with_shared: bool, qa_plans: int = 60, contour_dose: bool = True) -> int:
     import dagster as dg
 
-    from ml.data.sample_data import generate_hn_cohort
+    from ml.data.synthetic import generate_hn_cohort
     from psqa_pipelines.definitions import build_defs, build_resources
     from psqa_pipelines.resources import PsqaStorage
     from psqa_pipelines.runner import run_inbox_cycle

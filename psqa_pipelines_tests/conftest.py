@@ -42,7 +42,7 @@ def _isolated_environment(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def sample_cohort(tmp_path_factory: pytest.TempPathFactory):
     """Two small generated H&N studies (with planted PHI), generated once per session."""
-    from ml.data.sample_data import generate_hn_cohort
+    from ml.data.synthetic import generate_hn_cohort
 
     root = tmp_path_factory.mktemp("cohort")
     truths = generate_hn_cohort(root, 2, seed=11, **SMALL_STUDY)

@@ -1,6 +1,6 @@
 """Round trips of the prediction exports (ml.contour_dose.export) through the repo's own readers.
 
-A synthetic H&N study (ml.data.sample_data) gives the CT, the reference masks (its RTSTRUCT
+A synthetic H&N study (ml.data.synthetic) gives the CT, the reference masks (its RTSTRUCT
 rasterised onto the canonical CT, as the preprocess step does) and a dose (its RTDOSE resampled
 onto the CT). The dose is resampled to a coarser 3.906 x 3.906 x 2.5 mm "model grid" to stand in
 for a prediction; RT Dose + RT Structure Set exports are read back with ``read_dose`` and
@@ -45,7 +45,7 @@ from ml.data.dicom.rtdose import read_dose
 from ml.data.dicom.rtstruct import rasterize_rtstruct
 from ml.data.dicom.series import load_series_volume
 from ml.data.dicom.writers import dose_grid_scaling_for, quantise_dose
-from ml.data.sample_data import generate_hn_study
+from ml.data.synthetic import generate_hn_study
 from ml.data.volume import Volume, read_nifti, resample_to, to_canonical
 
 MODEL_SPACING = (3.906, 3.906, 2.5)

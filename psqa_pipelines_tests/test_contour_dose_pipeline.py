@@ -20,7 +20,7 @@ TINY = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4, "widths": [4, 8, 16,
 
 
 def test_train_contour_dose_end_to_end(tmp_path, make_defs, instance, mlflow_store):
-    from ml.data.sample_data import generate_hn_cohort
+    from ml.data.synthetic import generate_hn_cohort
 
     inbox_src = tmp_path / "cohort"
     truths = generate_hn_cohort(inbox_src, 4, seed=23, **SMALL_STUDY)

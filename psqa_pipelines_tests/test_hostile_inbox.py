@@ -42,7 +42,7 @@ def _save(ds, path: Path) -> Path:
 
 @pytest.fixture
 def hostile_drop(tmp_path_factory, storage):
-    from ml.data.sample_data import generate_hn_study
+    from ml.data.synthetic import generate_hn_study
 
     inbox = storage.inbox
     # 1. every file shipped with pydicom (recursively: DICOMDIR trees, json, icc, gz ...)

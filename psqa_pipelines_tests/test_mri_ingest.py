@@ -8,7 +8,7 @@ import pandas as pd
 from scipy import ndimage
 
 from ml.data.dicom.deid import Pseudonymizer
-from ml.data.sample_mri import generate_mr_study
+from ml.data.synthetic import generate_mr_study
 from ml.data.volume import read_nifti
 from psqa_pipelines.runner import run_inbox_cycle
 from psqa_pipelines_tests.conftest import BRAIN_DIR, needs_brain

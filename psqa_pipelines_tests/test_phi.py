@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 
-from ml.data.sample_data import generate_hn_cohort
+from ml.data.synthetic import generate_hn_cohort
 from psqa_pipelines.definitions import build_defs, build_resources
 from psqa_pipelines.resources import MlflowResource, PsqaStorage
 from psqa_pipelines.runner import run_inbox_cycle

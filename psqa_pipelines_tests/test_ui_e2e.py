@@ -47,7 +47,7 @@ def _gql(base: str, query: str) -> dict:
 
 @pytest.fixture
 def webserver(tmp_path):
-    from ml.data.sample_data import generate_hn_cohort
+    from ml.data.synthetic import generate_hn_cohort
 
     home = tmp_path / "home"
     dagster_home = home / "dagster"

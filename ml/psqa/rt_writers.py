@@ -32,7 +32,7 @@ import numpy as np
 
 from ml.data.dicom import writers as _w
 from ml.data.dicom.writers import DOSE_GRID_SCALING, RT_DOSE_STORAGE, RT_PLAN_STORAGE, atomic_write, write_dataset
-from ml.data.sample_data import PlantedPHI, _base_dataset
+from ml.data.synthetic.hn_study import PlantedPHI, _base_dataset
 from ml.psqa.plan import Plan
 from ml.psqa.sequencing import format_ds
 

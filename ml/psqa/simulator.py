@@ -86,7 +86,7 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter, map_coordinates
 
-from ml.data.sample_data import PlantedPHI, _Uids, make_phi
+from ml.data.synthetic.hn_study import PlantedPHI, _Uids, make_phi
 from ml.psqa.dose_model import DoseModel, beam_dose
 from ml.psqa.plan import Beam, ControlPoint, Plan
 from ml.psqa.rt_writers import (

@@ -22,7 +22,7 @@ from ml.data.dicom.deid import (
 from ml.data.dicom.headers import dataset_to_bytes
 from ml.data.phi import PATIENT_ID, REMAPPED_UID, dicom_phi_violations
 from ml.data.roi_names import canonical_roi_name, swap_left_right
-from ml.data.sample_data import StudyTruth, generate_hn_study
+from ml.data.synthetic import StudyTruth, generate_hn_study
 
 SMALL = dict(matrix=32, pixel_spacing_mm=12.0, n_slices=16, slice_thickness_mm=12.0)
 CANONICAL_ROIS = ["Body", "PTV70", "PTV56", "Brainstem", "SpinalCord", "LeftParotid", "RightParotid", "Mandible"]

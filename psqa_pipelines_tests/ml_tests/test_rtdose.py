@@ -10,7 +10,7 @@ import pytest
 
 from ml.data.dicom.headers import IngestError
 from ml.data.dicom.rtdose import read_dose
-from ml.data.sample_data import StudyTruth, generate_hn_study
+from ml.data.synthetic import StudyTruth, generate_hn_study
 
 SMALL = dict(matrix=64, pixel_spacing_mm=6.0, n_slices=32, slice_thickness_mm=6.0)
 

@@ -268,7 +268,7 @@ def test_parse_rtstruct_skips_malformed_contours_and_unknown_rois():
 # -- generated study ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def hn_study(tmp_path_factory):
-    from ml.data.sample_data import generate_hn_study
+    from ml.data.synthetic import generate_hn_study
 
     return generate_hn_study(tmp_path_factory.mktemp("hn_rs"), seed=3)
 

@@ -1,4 +1,4 @@
-"""Tests of the synthetic head-and-neck DICOM generator (ml.data.sample_data)."""
+"""Tests of the synthetic head-and-neck DICOM generator (ml.data.synthetic)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from ml.data.sample_data import (
-    CT_IMAGE_STORAGE,
+from ml.data.dicom.writers import CT_IMAGE_STORAGE, RT_DOSE_STORAGE, RT_STRUCT_STORAGE
+from ml.data.synthetic import (
     ROI_NAMES,
-    RT_DOSE_STORAGE,
-    RT_STRUCT_STORAGE,
     PlantedPHI,
     StudyTruth,
     generate_hn_cohort,
@@ -398,7 +396,7 @@ def test_other_geometries(tmp_path: Path, geometry: dict) -> None:
 
 def test_module_imports_no_pipeline_stack() -> None:
     code = (
-        "import sys, ml.data.sample_data\n"
+        "import sys, ml.data.synthetic\n"
         "bad = [m for m in ('dagster', 'mlflow', 'torch') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

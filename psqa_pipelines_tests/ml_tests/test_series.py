@@ -16,7 +16,7 @@ from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian, generate_ui
 
 from ml.data.dicom.headers import REASONS, DicomInstance, IngestError, read_dataset, summarize
 from ml.data.dicom.series import load_series_volume, validate_series
-from ml.data.sample_data import StudyTruth, generate_hn_study
+from ml.data.synthetic import StudyTruth, generate_hn_study
 
 SMALL = dict(matrix=64, pixel_spacing_mm=6.0, n_slices=32, slice_thickness_mm=6.0)
 

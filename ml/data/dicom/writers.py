@@ -1,6 +1,6 @@
 """Shared pieces of the DICOM writers: file meta, RT Dose grid + pixel modules, atomic writes.
 
-Used by the synthetic study generator (``ml.data.sample_data``), the IMRT QA simulator
+Used by the synthetic study generator (``ml.data.synthetic``), the IMRT QA simulator
 (``ml.psqa.rt_writers``) and the prediction exports (``ml.contour_dose.export``), so there is
 one implementation of:
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ml.data.sample_data import PlantedPHI, _base_dataset, _Uids, make_phi
+from ml.data.synthetic.hn_study import PlantedPHI, _base_dataset, _Uids, make_phi
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 # tissue -> relative intensity per sequence (WM, GM, CSF, oedema, rim, core, background)
