@@ -1,8 +1,9 @@
 """DICOM RT Plan / RT Dose writers and the QA-results CSV of the QA simulator (numpy + pydicom).
 
-Headers, UIDs and planted PHI come from ``ml.data.sample_data`` (``_base_dataset``, ``_Uids``,
-``PlantedPHI``) so that every file carries the same identifying values (standard attributes and a
-private block) as the synthetic CT studies, and de-identification tests stay meaningful.
+Headers, UIDs and planted PHI come from ``ml.data.synthetic`` (``headers.StudyHeader``,
+``uids.StudyUids``, ``planted_phi.PlantedPHI``) so that every file carries the same identifying
+values (standard attributes and a private block) as the synthetic CT studies, and
+de-identification tests stay meaningful.
 
 Plane geometry of every RT Dose written here (single frame, coronal plane through the isocentre):
 
@@ -25,21 +26,19 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import io
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ml.data.dicom import writers as _w
 from ml.data.dicom.writers import DOSE_GRID_SCALING, RT_DOSE_STORAGE, RT_PLAN_STORAGE, atomic_write, write_dataset
-from ml.data.synthetic.hn_study import PlantedPHI, _base_dataset
+from ml.data.synthetic.headers import StudyHeader
 from ml.psqa.plan import Plan
 from ml.psqa.sequencing import format_ds
 
 __all__ = [
     "DOSE_GRID_SCALING",
     "QA_CSV_COLUMNS",
-    "StudyHeader",
     "quantise_dose",
     "rt_plan_dataset",
     "rt_dose_dataset",
@@ -54,18 +53,6 @@ _MANUFACTURER_TPS = "PSQA Synthetic TPS"
 _MANUFACTURER_QA = "PSQA Synthetic Dosimetry"
 
 
-@dataclass(frozen=True)
-class StudyHeader:
-    """What every object of one plan's study shares."""
-
-    phi: PlantedPHI
-    study_uid: str
-    frame_of_reference_uid: str
-    study_date: _dt.date
-    study_time: str
-    sex: str
-
-
 def quantise_dose(dose_gy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(stored uint32 array, the Gy values it decodes to); negative doses are clipped to 0."""
     return _w.quantise_dose(dose_gy, DOSE_GRID_SCALING, bits=32)
@@ -73,9 +60,8 @@ def quantise_dose(dose_gy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _header(header: StudyHeader, *, sop_class: str, sop_uid: str, modality: str, series_uid: str,
             series_number: int, content_date: _dt.date | None = None, content_time: str | None = None):
-    ds = _base_dataset(header.phi, sop_class=sop_class, sop_uid=sop_uid, modality=modality,
-                       study_uid=header.study_uid, series_uid=series_uid, series_number=series_number,
-                       study_date=header.study_date, study_time=header.study_time, sex=header.sex)
+    ds = header.dataset(sop_class=sop_class, sop_uid=sop_uid, modality=modality, series_uid=series_uid,
+                        series_number=series_number)
     ds.file_meta.ImplementationVersionName = "PSQA_QASIM_1"
     if content_date is not None:
         ds.SeriesDate = ds.ContentDate = content_date.strftime("%Y%m%d")

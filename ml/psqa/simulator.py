@@ -68,7 +68,7 @@ plan's number for the patient, e.g. ``HN_7F_2``)::
                                              RD_measured_plan.dcm       RTDOSE, RECORD (composite)
     out_dir/qa_results/qa_export_<batch>[_<start>].csv                   QA_CSV_COLUMNS
 
-Every file carries planted PHI (``make_phi``) and deterministic UIDs (``_Uids``) like the synthetic
+Every file carries planted PHI (``make_phi``) and deterministic UIDs (``StudyUids``) like the synthetic
 CT studies; the pipeline de-identifies them. Output is a deterministic function of
 ``(seed, batch, plan index)``: the same call writes byte-identical files whatever the number of
 workers, and a different ``batch`` gives new patients, new UIDs and a separate CSV.
@@ -86,12 +86,13 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter, map_coordinates
 
-from ml.data.synthetic.hn_study import PlantedPHI, _Uids, make_phi
+from ml.data.synthetic.headers import StudyHeader
+from ml.data.synthetic.planted_phi import PlantedPHI, make_phi
+from ml.data.synthetic.uids import StudyUids
 from ml.psqa.dose_model import DoseModel, beam_dose
 from ml.psqa.plan import Beam, ControlPoint, Plan
 from ml.psqa.rt_writers import (
     DOSE_GRID_SCALING,
-    StudyHeader,
     quantise_dose,
     rt_dose_dataset,
     rt_plan_dataset,
@@ -617,7 +618,7 @@ def simulate_plan(task: _Task) -> dict:
     cfg = task.cfg
     seed, batch, j = task.seed, task.batch, task.index
     phi = _phi(seed, batch, task.patient)
-    uid = _Uids(_tag(f"qa-sim/{seed}/{batch}"), phi)
+    uid = StudyUids(_tag(f"qa-sim/{seed}/{batch}"), phi)
     key = (batch, j)
     sex = "F" if _rng(seed, batch, task.patient, "patient").random() < 0.4 else "M"
     plan, info = draw_plan(_rng(seed, batch, j, "plan"))

@@ -33,8 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ml.data.dicom.headers import CT_IMAGE, MR_IMAGE, RT_DOSE, RT_PLAN, RT_STRUCT
+
 __all__ = [
     "CT_IMAGE_STORAGE",
+    "MR_IMAGE_STORAGE",
     "RT_DOSE_STORAGE",
     "RT_PLAN_STORAGE",
     "RT_STRUCT_STORAGE",
@@ -53,10 +56,12 @@ __all__ = [
     "write_dataset",
 ]
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-RT_STRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
-RT_DOSE_STORAGE = "1.2.840.10008.5.1.4.1.1.481.2"
-RT_PLAN_STORAGE = "1.2.840.10008.5.1.4.1.1.481.5"
+# the SOP class UIDs are those of ml.data.dicom.headers, under their writers' names
+CT_IMAGE_STORAGE = CT_IMAGE
+MR_IMAGE_STORAGE = MR_IMAGE
+RT_STRUCT_STORAGE = RT_STRUCT
+RT_DOSE_STORAGE = RT_DOSE
+RT_PLAN_STORAGE = RT_PLAN
 STUDY_COMPONENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"  # conventional in RTReferencedStudySequence
 
 DOSE_GRID_SCALING = 1e-6  # Gy per stored unit: 1 uGy steps, up to 4294 Gy in uint32

@@ -1,8 +1,8 @@
 """Synthetic multi-sequence brain MRI as real DICOM MR series (with planted PHI).
 
-A glioma phantom defined in world millimetres -- brain (white/grey matter), ventricles, a
-lesion with necrotic core, enhancing rim and oedema -- is sampled per sequence with textbook
-relative contrasts:
+A glioma phantom (``mri_phantom``) -- brain (white/grey matter), ventricles, a lesion with
+necrotic core, enhancing rim and oedema -- is sampled per sequence with textbook relative
+contrasts:
 
 =========  ====  ====  ===  =========  =======  =====  ========
 sequence    WM    GM   CSF  oedema     rim      core   notes
@@ -30,21 +30,39 @@ from pathlib import Path
 
 import numpy as np
 
-from ml.data.synthetic.hn_study import PlantedPHI, _base_dataset, _Uids, make_phi
+from ml.data.dicom.writers import MR_IMAGE_STORAGE
+from ml.data.synthetic.headers import StudyHeader
+from ml.data.synthetic.layout import mr_path, mr_series_dir, study_dir
+from ml.data.synthetic.mri_phantom import (
+    Lesion,
+    draw_lesion,
+    label_map,
+    sequence_image,
+    tissues,
+)
+from ml.data.synthetic.planted_phi import PlantedPHI, make_phi
+from ml.data.synthetic.uids import StudyUids, uid_from
 
-MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
-# tissue -> relative intensity per sequence (WM, GM, CSF, oedema, rim, core, background)
-_CONTRAST = {
-    "t1": (0.85, 0.60, 0.20, 0.45, 0.55, 0.25),
-    "t1c": (0.85, 0.60, 0.20, 0.45, 1.00, 0.25),
-    "t2": (0.35, 0.55, 1.00, 0.85, 0.60, 0.90),
-    "flair": (0.40, 0.60, 0.08, 0.95, 0.65, 0.55),
-}
-_SERIES = {
-    "t1": dict(desc="T1 AX SE", protocol="T1_AX", te=12.0, tr=500.0, ti=None, contrast=None),
-    "t1c": dict(desc="T1 AX POST GAD", protocol="T1_AX_POST", te=12.0, tr=500.0, ti=None, contrast="Gadobutrol"),
-    "t2": dict(desc="T2 AX TSE", protocol="T2_TSE_AX", te=100.0, tr=4000.0, ti=None, contrast=None),
-    "flair": dict(desc="FLAIR AX", protocol="FLAIR_AX", te=120.0, tr=9000.0, ti=2500.0, contrast=None),
+__all__ = ["SEQUENCES", "MRSequence", "MRStudyTruth", "generate_mr_study"]
+
+
+@dataclass(frozen=True)
+class MRSequence:
+    """How a scanner labels and parameterises one sequence's series."""
+
+    description: str
+    protocol: str
+    echo_time: float  # ms
+    repetition_time: float  # ms
+    inversion_time: float | None = None  # ms
+    contrast_agent: str | None = None
+
+
+SEQUENCES = {  # in acquisition (series number) order
+    "t1": MRSequence("T1 AX SE", "T1_AX", 12.0, 500.0),
+    "t1c": MRSequence("T1 AX POST GAD", "T1_AX_POST", 12.0, 500.0, contrast_agent="Gadobutrol"),
+    "t2": MRSequence("T2 AX TSE", "T2_TSE_AX", 100.0, 4000.0),
+    "flair": MRSequence("FLAIR AX", "FLAIR_AX", 120.0, 9000.0, inversion_time=2500.0),
 }
 
 
@@ -58,30 +76,25 @@ class MRStudyTruth:
     grids: dict[str, dict] = field(default_factory=dict)  # sequence -> origin/spacing/shape (x, y, z)
 
 
-def _tissues(X, Y, Z, rng_params) -> dict[str, np.ndarray]:
-    cx, cy, cz, r_les = rng_params
-    brain = (X / 70.0) ** 2 + (Y / 85.0) ** 2 + (Z / 60.0) ** 2 <= 1.0
-    wm = (X / 52.0) ** 2 + (Y / 66.0) ** 2 + (Z / 44.0) ** 2 <= 1.0
-    vent = ((np.abs(X) - 9.0) / 6.0) ** 2 + (Y / 22.0) ** 2 + ((Z - 5.0) / 12.0) ** 2 <= 1.0
-    d = np.sqrt((X - cx) ** 2 + (Y - cy) ** 2 + (Z - cz) ** 2)
-    core = brain & (d <= 0.45 * r_les)
-    rim = brain & (d <= r_les) & ~core
-    oedema = brain & (d <= 1.9 * r_les) & ~core & ~rim
-    return {"brain": brain, "wm": wm & brain, "csf": vent & brain, "core": core, "rim": rim, "oedema": oedema}
+@dataclass(frozen=True)
+class _SeriesGrid:
+    origin: np.ndarray  # (x, y, z) of the first voxel centre, mm
+    pixel_spacing: float
+    slice_thickness: float
+    matrix: int
+    zs: np.ndarray
 
+    def coordinates(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """World ``(X, Y, Z)`` of every voxel centre, each ``[z, y, x]``."""
+        xs = self.origin[0] + np.arange(self.matrix) * self.pixel_spacing
+        ys = self.origin[1] + np.arange(self.matrix) * self.pixel_spacing
+        Z, Y, X = np.meshgrid(self.zs, ys, xs, indexing="ij")
+        return X, Y, Z
 
-def _image(t: dict[str, np.ndarray], seq: str, rng: np.random.Generator) -> np.ndarray:
-    wm, gm, csf, oed, rim, core = _CONTRAST[seq]
-    img = np.zeros(t["brain"].shape, dtype=np.float64)
-    img[t["brain"]] = gm
-    img[t["wm"]] = wm
-    img[t["csf"]] = csf
-    img[t["oedema"]] = oed
-    img[t["rim"]] = rim
-    img[t["core"]] = core
-    img = img * 1000.0
-    img[t["brain"]] += rng.normal(0.0, 15.0, size=int(t["brain"].sum()))
-    return np.clip(img, 0, 4000)
+    def truth(self) -> dict:
+        return {"origin": tuple(self.origin), "spacing": (self.pixel_spacing, self.pixel_spacing,
+                                                          self.slice_thickness),
+                "shape": (self.matrix, self.matrix, len(self.zs))}
 
 
 def generate_mr_study(out_dir: str | Path, *, seed: int = 0, phi: PlantedPHI | None = None,
@@ -89,78 +102,100 @@ def generate_mr_study(out_dir: str | Path, *, seed: int = 0, phi: PlantedPHI | N
                       slice_thickness_mm: float = 3.5, flair_slice_thickness_mm: float = 5.0,
                       flair_shift_mm: tuple[float, float, float] = (2.0, -3.0, 1.5),
                       folder_name: str | None = None) -> MRStudyTruth:
-    from pydicom.uid import generate_uid
-
+    """Write T1, T1c, T2 and FLAIR series of one synthetic glioma patient and return the truth."""
     rng = np.random.default_rng(seed)
     phi = phi or make_phi(seed + 7000)
-    folder = Path(out_dir) / (folder_name or f"{phi.family_name}_{phi.patient_id}_MR")
-    uids = _Uids(seed, phi)
-    study_uid = uids("mr-study")
-    frame = uids("mr-frame")
-    lesion = (float(rng.uniform(-25, 25)), float(rng.uniform(-30, 20)), float(rng.uniform(-15, 15)),
-              float(rng.uniform(9, 15)))
-    truth = MRStudyTruth(study_dir=folder, phi=phi, study_instance_uid=study_uid)
-    date = _dt.date(2021, 3, 1) + _dt.timedelta(days=int(seed) % 300)
-    for number, seq in enumerate(("t1", "t1c", "t2", "flair"), start=1):
-        dz = flair_slice_thickness_mm if seq == "flair" else slice_thickness_mm
-        nz = int(round(n_slices * slice_thickness_mm / dz))
-        shift = np.asarray(flair_shift_mm if seq == "flair" else (0.0, 0.0, 0.0))
-        origin = np.array([-(matrix - 1) / 2 * pixel_spacing_mm, -(matrix - 1) / 2 * pixel_spacing_mm,
-                           -(nz - 1) / 2 * dz]) + shift
-        xs = origin[0] + np.arange(matrix) * pixel_spacing_mm
-        ys = origin[1] + np.arange(matrix) * pixel_spacing_mm
-        zs = origin[2] + np.arange(nz) * dz
-        Z, Y, X = np.meshgrid(zs, ys, xs, indexing="ij")
-        tissues = _tissues(X, Y, Z, lesion)
-        img = _image(tissues, seq, rng).astype(np.uint16)
-        if seq == "t1c":
-            label = np.zeros(img.shape, dtype=np.uint8)
-            label[tissues["oedema"]] = 2
-            label[tissues["rim"]] = 3
-            label[tissues["core"]] = 1
-            truth.label_map = label
-        truth.grids[seq] = {"origin": tuple(origin), "spacing": (pixel_spacing_mm, pixel_spacing_mm, dz),
-                            "shape": (matrix, matrix, nz)}
-        series_uid = uids("mr-series", seq)
-        meta = _SERIES[seq]
-        files = []
-        sub = folder / f"{number:02d}_{seq.upper()}"
-        sub.mkdir(parents=True, exist_ok=True)
-        for k in range(nz):
-            sop = str(generate_uid(entropy_srcs=[study_uid, seq, str(k)]))
-            ds = _base_dataset(phi, sop_class=MR_IMAGE_STORAGE, sop_uid=sop, modality="MR", study_uid=study_uid,
-                               series_uid=series_uid, series_number=number, study_date=date,
-                               study_time="101500", sex="F")
-            ds.SeriesDescription = meta["desc"]
-            ds.ProtocolName = meta["protocol"]
-            ds.FrameOfReferenceUID = frame
-            ds.EchoTime = meta["te"]
-            ds.RepetitionTime = meta["tr"]
-            if meta["ti"]:
-                ds.InversionTime = meta["ti"]
-            if meta["contrast"]:
-                ds.ContrastBolusAgent = meta["contrast"]
-            ds.ScanningSequence = "SE" if not meta["ti"] else ["SE", "IR"]
-            ds.MagneticFieldStrength = 3.0
-            ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
-            ds.InstanceNumber = k + 1
-            ds.ImagePositionPatient = [f"{v:.4f}" for v in (origin[0], origin[1], zs[k])]
-            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-            ds.PixelSpacing = [pixel_spacing_mm, pixel_spacing_mm]
-            ds.SliceThickness = dz
-            ds.SliceLocation = f"{zs[k]:.4f}"
-            ds.PatientPosition = "HFS"
-            ds.SamplesPerPixel = 1
-            ds.PhotometricInterpretation = "MONOCHROME2"
-            ds.Rows = matrix
-            ds.Columns = matrix
-            ds.BitsAllocated = 16
-            ds.BitsStored = 16
-            ds.HighBit = 15
-            ds.PixelRepresentation = 0
-            ds.PixelData = np.ascontiguousarray(img[k]).tobytes()
-            path = sub / f"MR.{phi.patient_id}.{seq}.{k + 1:03d}.dcm"
-            ds.save_as(path, enforce_file_format=True)
-            files.append(path)
-        truth.series_files[seq] = files
+    folder = study_dir(out_dir, phi, folder_name, suffix="_MR")
+    uids = StudyUids(seed, phi)
+    header = StudyHeader(phi=phi, study_uid=uids("mr-study"), frame_of_reference_uid=uids("mr-frame"),
+                         study_date=_dt.date(2021, 3, 1) + _dt.timedelta(days=int(seed) % 300),
+                         study_time="101500", sex="F")
+    lesion = draw_lesion(rng)
+    truth = MRStudyTruth(study_dir=folder, phi=phi, study_instance_uid=header.study_uid)
+    for number, seq in enumerate(SEQUENCES, start=1):
+        flair = seq == "flair"
+        grid = _series_grid(matrix, pixel_spacing_mm, n_slices, slice_thickness_mm,
+                            flair_slice_thickness_mm if flair else slice_thickness_mm,
+                            flair_shift_mm if flair else (0.0, 0.0, 0.0))
+        img = _sequence_volume(grid, lesion, seq, rng, truth)
+        truth.grids[seq] = grid.truth()
+        truth.series_files[seq] = _write_series(folder, header, grid, img, seq, number,
+                                                uids("mr-series", seq))
     return truth
+
+
+def _series_grid(matrix: int, pixel_spacing_mm: float, n_slices: int, slice_thickness_mm: float, dz: float,
+                 shift_mm: tuple[float, float, float]) -> _SeriesGrid:
+    """The grid of one series: slices ``dz`` apart over the length of ``n_slices`` x ``slice_thickness_mm``."""
+    nz = round(n_slices * slice_thickness_mm / dz)
+    origin = np.array([-(matrix - 1) / 2 * pixel_spacing_mm, -(matrix - 1) / 2 * pixel_spacing_mm,
+                       -(nz - 1) / 2 * dz]) + np.asarray(shift_mm)
+    zs = origin[2] + np.arange(nz) * dz
+    return _SeriesGrid(origin=origin, pixel_spacing=pixel_spacing_mm, slice_thickness=dz, matrix=matrix, zs=zs)
+
+
+def _sequence_volume(grid: _SeriesGrid, lesion: Lesion, seq: str, rng: np.random.Generator,
+                     truth: MRStudyTruth) -> np.ndarray:
+    """The ``seq`` image (uint16) on ``grid``; the T1c grid also gives ``truth.label_map``."""
+    t = tissues(*grid.coordinates(), lesion)
+    img = sequence_image(t, seq, rng).astype(np.uint16)
+    if seq == "t1c":
+        truth.label_map = label_map(t)
+    return img
+
+
+def _write_series(folder: Path, header: StudyHeader, grid: _SeriesGrid, img: np.ndarray, seq: str, number: int,
+                  series_uid: str) -> list[Path]:
+    """One file per slice, in slice order."""
+    sub = mr_series_dir(folder, number, seq)
+    sub.mkdir(parents=True, exist_ok=True)
+    files = []
+    for k in range(len(grid.zs)):
+        ds = _slice_dataset(header, grid, img[k], seq, number, k, series_uid)
+        path = mr_path(sub, header.phi, seq, k + 1)
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return files
+
+
+def _slice_dataset(header: StudyHeader, grid: _SeriesGrid, pixels: np.ndarray, seq: str, number: int, k: int,
+                   series_uid: str):
+    ds = header.dataset(sop_class=MR_IMAGE_STORAGE, sop_uid=uid_from(header.study_uid, seq, str(k)),
+                        modality="MR", series_uid=series_uid, series_number=number)
+    _set_sequence(ds, SEQUENCES[seq])
+    ds.FrameOfReferenceUID = header.frame_of_reference_uid
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+    ds.InstanceNumber = k + 1
+    ds.ImagePositionPatient = [f"{v:.4f}" for v in (grid.origin[0], grid.origin[1], grid.zs[k])]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing = [grid.pixel_spacing, grid.pixel_spacing]
+    ds.SliceThickness = grid.slice_thickness
+    ds.SliceLocation = f"{grid.zs[k]:.4f}"
+    ds.PatientPosition = "HFS"
+    _set_pixels(ds, grid, pixels)
+    return ds
+
+
+def _set_sequence(ds, meta: MRSequence) -> None:
+    ds.SeriesDescription = meta.description
+    ds.ProtocolName = meta.protocol
+    ds.EchoTime = meta.echo_time
+    ds.RepetitionTime = meta.repetition_time
+    if meta.inversion_time:
+        ds.InversionTime = meta.inversion_time
+    if meta.contrast_agent:
+        ds.ContrastBolusAgent = meta.contrast_agent
+    ds.ScanningSequence = "SE" if not meta.inversion_time else ["SE", "IR"]
+    ds.MagneticFieldStrength = 3.0
+
+
+def _set_pixels(ds, grid: _SeriesGrid, pixels: np.ndarray) -> None:
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = grid.matrix
+    ds.Columns = grid.matrix
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
