@@ -38,6 +38,7 @@ from ml.data.dicom.headers import (
     summarize,
     validate_pixels,
 )
+from ml.data.dicom.rtdose import referenced_beam_number
 from ml.data.dicom.series import validate_series
 from ml.data.inbox import FileRef, StudyGroup, fingerprint
 from ml.data.quarantine import Quarantine, QuarantineRecord
@@ -170,6 +171,24 @@ class _Item:
 
 
 def _ingest_dicom(ctx: _Ctx) -> StudyIngest:
+    items = _drop_duplicates(ctx, _read_valid_files(ctx))
+    accepted_series = _accept_image_series(ctx, items)
+    image_items = [m for members, _ in accepted_series.values() for m in members]
+    rt_items = _referencing_rt_objects(ctx, items, accepted_series, _image_frames(image_items))
+    patient_id, file_rows, stats = _deidentify_and_store(ctx, image_items + rt_items)
+    series_rows = [_image_series_row(ctx, members, geom, patient_id) for members, geom in accepted_series.values()]
+    series_rows += [_rt_object_row(ctx, it, patient_id) for it in rt_items]
+    return StudyIngest(
+        study_key=ctx.group.key, source="dicom", patient_id=patient_id,
+        files=typed_frame(sorted(file_rows, key=lambda r: r["stored_path"]), FILE_COLUMNS),
+        series=typed_frame(sorted(series_rows, key=lambda r: (r["modality"], r["object_key"])), SERIES_COLUMNS),
+        quarantined=ctx.records, files_seen=len(ctx.group.files),
+        fingerprint_after=ctx.fingerprint_after(), stats=stats,
+    )
+
+
+def _read_valid_files(ctx: _Ctx) -> list[_Item]:
+    """Parse and validate every file of the study; a file that fails is quarantined."""
     items: list[_Item] = []
     for ref in ctx.group.files:
         sha = ctx.source_sha(ref)
@@ -183,8 +202,12 @@ def _ingest_dicom(ctx: _Ctx) -> StudyIngest:
             ctx.reject(ref, exc.reason, exc.detail)
             continue
         items.append(_Item(ref, ds, inst, sha))
+    return items
 
-    # duplicates: identical bytes, or the same SOP instance with different content
+
+def _drop_duplicates(ctx: _Ctx, items: list[_Item]) -> list[_Item]:
+    """One file per SOP instance: identical bytes, or the same SOP instance with different content,
+    are quarantined (the file with the smallest (sha256, path) is kept)."""
     by_sop: dict[str, list[_Item]] = defaultdict(list)
     for it in items:
         by_sop[it.inst.sop_instance_uid].append(it)
@@ -195,14 +218,17 @@ def _ingest_dicom(ctx: _Ctx) -> StudyIngest:
         for dup in group[1:]:
             reason = "duplicate_file" if dup.sha == group[0].sha else "duplicate_sop_instance"
             ctx.reject(dup.ref, reason)
-    items = kept
+    return kept
 
-    # image series as a whole
+
+def _accept_image_series(ctx: _Ctx, items: list[_Item]) -> dict[str, tuple[list[_Item], object]]:
+    """Image series checked as a whole (``validate_series``): series UID -> (members in slice order,
+    geometry), in UID order; every member of an inconsistent series is quarantined."""
     series: dict[str, list[_Item]] = defaultdict(list)
     for it in items:
         if it.inst.modality in IMAGE_MODALITIES:
             series[it.inst.series_uid].append(it)
-    accepted_series: dict[str, tuple[list[_Item], object]] = {}
+    accepted: dict[str, tuple[list[_Item], object]] = {}
     for uid, members in sorted(series.items()):
         modalities = {m.inst.modality for m in members}
         try:
@@ -215,132 +241,157 @@ def _ingest_dicom(ctx: _Ctx) -> StudyIngest:
             continue
         order = {id(inst): k for k, inst in enumerate(ordered)}
         members.sort(key=lambda m: order[id(m.inst)])
-        accepted_series[uid] = (members, geom)
-    image_items = [m for members, _ in accepted_series.values() for m in members]
-    image_frames = {m.inst.frame_of_reference_uid: m.inst.series_uid for m in image_items
-                    if m.inst.frame_of_reference_uid}
+        accepted[uid] = (members, geom)
+    return accepted
 
-    # RT objects must reference something we kept
+
+def _image_frames(image_items: list[_Item]) -> dict[str, str]:
+    """Frame of reference UID -> the (last) accepted image series in it."""
+    return {m.inst.frame_of_reference_uid: m.inst.series_uid for m in image_items
+            if m.inst.frame_of_reference_uid}
+
+
+def _referencing_rt_objects(ctx: _Ctx, items: list[_Item], accepted_series: dict, image_frames: dict[str, str],
+                            ) -> list[_Item]:
+    """The RT Plans, then the RT Structure Sets and RT Doses (in file order) that reference something
+    kept; the others are quarantined as ``dangling_reference``."""
     plans = {it.inst.sop_instance_uid: it for it in items if it.inst.modality == "RTPLAN"}
     rt_items: list[_Item] = list(plans.values())
     for it in items:
         m = it.inst.modality
         if m == "RTSTRUCT":
-            ref_series = [s for s in it.inst.referenced_series_uids if s in accepted_series]
-            ref_frames = [f for f in it.inst.referenced_frame_uids if f in image_frames]
-            if ref_series:
-                it.extra["ref_series"] = ref_series[0]
-            elif ref_frames:
-                it.extra["ref_series"] = image_frames[ref_frames[0]]
-            else:
-                ctx.reject(it.ref, "dangling_reference", "RTSTRUCT references no ingested image series")
-                continue
-            rt_items.append(it)
+            kept = _resolve_rtstruct_reference(ctx, it, accepted_series, image_frames)
         elif m == "RTDOSE":
-            ref_plans = [p for p in it.inst.referenced_plan_uids if p in plans]
-            frame_series = image_frames.get(it.inst.frame_of_reference_uid)
-            if not ref_plans and frame_series is None:
-                ctx.reject(it.ref, "dangling_reference", "RTDOSE references no ingested plan or image frame")
-                continue
-            it.extra["ref_plan"] = ref_plans[0] if ref_plans else ""
-            it.extra["ref_series"] = frame_series or ""
+            kept = _resolve_rtdose_reference(ctx, it, plans, image_frames)
+        else:
+            continue
+        if kept:
             rt_items.append(it)
+    return rt_items
 
-    # de-identify and store
+
+def _resolve_rtstruct_reference(ctx: _Ctx, it: _Item, accepted_series: dict, image_frames: dict[str, str]) -> bool:
+    """Sets ``extra["ref_series"]`` from the referenced series, else the frame of reference."""
+    ref_series = [s for s in it.inst.referenced_series_uids if s in accepted_series]
+    ref_frames = [f for f in it.inst.referenced_frame_uids if f in image_frames]
+    if ref_series:
+        it.extra["ref_series"] = ref_series[0]
+    elif ref_frames:
+        it.extra["ref_series"] = image_frames[ref_frames[0]]
+    else:
+        ctx.reject(it.ref, "dangling_reference", "RTSTRUCT references no ingested image series")
+        return False
+    return True
+
+
+def _resolve_rtdose_reference(ctx: _Ctx, it: _Item, plans: dict[str, _Item], image_frames: dict[str, str]) -> bool:
+    """Sets ``extra["ref_plan"]`` and ``extra["ref_series"]`` (the image series of its frame)."""
+    ref_plans = [p for p in it.inst.referenced_plan_uids if p in plans]
+    frame_series = image_frames.get(it.inst.frame_of_reference_uid)
+    if not ref_plans and frame_series is None:
+        ctx.reject(it.ref, "dangling_reference", "RTDOSE references no ingested plan or image frame")
+        return False
+    it.extra["ref_plan"] = ref_plans[0] if ref_plans else ""
+    it.extra["ref_series"] = frame_series or ""
+    return True
+
+
+def _deidentify_and_store(ctx: _Ctx, items: list[_Item]) -> tuple[str, list[dict], dict[str, int]]:
+    """Describe, de-identify and write every kept file; prune what an earlier ingestion left.
+
+    Returns the patient's pseudonym, the file rows and the de-identification counts."""
     deid = DicomDeidentifier(ctx.p, roi_name_map=canonical_roi_name)
     keep_paths: set[Path] = set()
     file_rows: list[dict] = []
     patient_id = ""
     stats = {"private_removed": 0, "removed": 0, "emptied": 0, "uids_remapped": 0}
-    for it in image_items + rt_items:
-        inst, ds = it.inst, it.ds
-        patient_id = patient_id or ctx.p.patient(patient_key_of(ds))
-        it.extra["series_key"] = ctx.p.short("series", inst.series_uid, "se-")
-        it.extra["object_key"] = (it.extra["series_key"] if inst.modality in IMAGE_MODALITIES
-                                  else ctx.p.short("sop", inst.sop_instance_uid, "ob-"))
-        if inst.modality == "MR":
-            from ml.data.mri import sequence_from_dicom
-
-            it.extra["sequence"] = sequence_from_dicom(ds) or ""
-        if inst.modality == "RTSTRUCT":
-            names = []
-            for roi in ds.get("StructureSetROISequence", []) or []:
-                c = canonical_roi_name(str(roi.get("ROIName", "") or ""))
-                if c:
-                    names.append(c)
-            it.extra["roi_names"] = sorted(set(names))
-            it.extra["n_rois"] = len(ds.get("StructureSetROISequence", []) or [])
-        report = deid.deidentify(ds)
+    for it in items:
+        patient_id = patient_id or ctx.p.patient(patient_key_of(it.ds))
+        _describe(ctx, it)
+        report = deid.deidentify(it.ds)
         for k in stats:
             stats[k] += getattr(report, k)
-        data = dataset_to_bytes(ds)
-        dest = ctx.study_dir / "dicom" / it.extra["series_key"] / f"{ctx.p.short('sop', inst.sop_instance_uid)}.dcm"
-        atomic_write_bytes(dest, data)
-        keep_paths.add(dest)
-        it.extra["stored"] = (dest, sha256_bytes(data), len(data))
-        file_rows.append(_dicom_file_row(ctx, it, ds, patient_id))
+        keep_paths.add(_store(ctx, it))
+        file_rows.append(_dicom_file_row(ctx, it, it.ds, patient_id))
     ctx.prune("dicom", keep_paths)
-
-    series_rows = []
-    for uid, (members, geom) in accepted_series.items():
-        first = members[0]
-        series_rows.append({
-            "study_key": ctx.group.key, "patient_id": patient_id, "source": "dicom",
-            "series_key": first.extra["series_key"], "object_key": first.extra["object_key"],
-            "modality": first.inst.modality, "sequence": first.extra.get("sequence", ""),
-            "n_files": len(members), "rows": geom.rows, "columns": geom.columns, "n_slices": geom.n_slices,
-            "spacing_x": geom.spacing[0], "spacing_y": geom.spacing[1], "spacing_z": geom.spacing[2],
-            "origin_x": geom.origin[0], "origin_y": geom.origin[1], "origin_z": geom.origin[2],
-            "orientation": _fmt(first.inst.image_orientation),
-            "frame_of_reference_uid": str(first.ds.get("FrameOfReferenceUID", "") or ""),
-            "series_instance_uid": str(first.ds.SeriesInstanceUID), "status": "ok",
-        })
-    for it in rt_items:
-        ds, inst = it.ds, it.inst
-        row = {
-            "study_key": ctx.group.key, "patient_id": patient_id, "source": "dicom",
-            "series_key": it.extra["series_key"], "object_key": it.extra["object_key"],
-            "modality": inst.modality, "n_files": 1,
-            "frame_of_reference_uid": str(ds.get("FrameOfReferenceUID", "") or ""),
-            "series_instance_uid": str(ds.SeriesInstanceUID), "status": "ok",
-            "referenced_series_key": ctx.p.short("series", it.extra["ref_series"], "se-") if it.extra.get("ref_series") else "",
-            "referenced_object_key": ctx.p.short("sop", it.extra["ref_plan"], "ob-") if it.extra.get("ref_plan") else "",
-        }
-        if inst.modality == "RTSTRUCT":
-            row["roi_names"] = ",".join(it.extra["roi_names"])
-            row["n_rois"] = it.extra["n_rois"]
-        elif inst.modality == "RTDOSE":
-            row["referenced_beam"] = _referenced_beam(ds)
-            row.update({
-                "rows": inst.rows, "columns": inst.columns, "n_slices": inst.number_of_frames,
-                "spacing_x": inst.pixel_spacing[1], "spacing_y": inst.pixel_spacing[0],
-                "origin_x": inst.image_position[0], "origin_y": inst.image_position[1],
-                "origin_z": inst.image_position[2], "orientation": _fmt(inst.image_orientation),
-                "dose_units": str(ds.get("DoseUnits", "") or ""),
-                "dose_summation_type": str(ds.get("DoseSummationType", "") or ""),
-                "dose_max": _dose_max(ds),
-            })
-        elif inst.modality == "RTPLAN":
-            row["n_beams"] = inst.extra.get("n_beams", 0)
-        series_rows.append(row)
-
-    return StudyIngest(
-        study_key=ctx.group.key, source="dicom", patient_id=patient_id,
-        files=typed_frame(sorted(file_rows, key=lambda r: r["stored_path"]), FILE_COLUMNS),
-        series=typed_frame(sorted(series_rows, key=lambda r: (r["modality"], r["object_key"])), SERIES_COLUMNS),
-        quarantined=ctx.records, files_seen=len(ctx.group.files),
-        fingerprint_after=ctx.fingerprint_after(), stats=stats,
-    )
+    return patient_id, file_rows, stats
 
 
-def _referenced_beam(ds) -> int:
-    """Beam number a per-beam RT Dose refers to (-1 for plan/composite doses)."""
-    for rp in ds.get("ReferencedRTPlanSequence", []) or []:
-        for fg in rp.get("ReferencedFractionGroupSequence", []) or []:
-            for rb in fg.get("ReferencedBeamSequence", []) or []:
-                if rb.get("ReferencedBeamNumber") is not None:
-                    return int(rb.ReferencedBeamNumber)
-    return -1
+def _describe(ctx: _Ctx, it: _Item) -> None:
+    """What the rows need from the identified dataset: pseudonymous keys, MR sequence, ROI names."""
+    inst, ds = it.inst, it.ds
+    it.extra["series_key"] = ctx.p.short("series", inst.series_uid, "se-")
+    it.extra["object_key"] = (it.extra["series_key"] if inst.modality in IMAGE_MODALITIES
+                              else ctx.p.short("sop", inst.sop_instance_uid, "ob-"))
+    if inst.modality == "MR":
+        from ml.data.mri import sequence_from_dicom
+
+        it.extra["sequence"] = sequence_from_dicom(ds) or ""
+    if inst.modality == "RTSTRUCT":
+        rois = ds.get("StructureSetROISequence", []) or []
+        names = [canonical_roi_name(str(roi.get("ROIName", "") or "")) for roi in rois]
+        it.extra["roi_names"] = sorted({c for c in names if c})
+        it.extra["n_rois"] = len(rois)
+
+
+def _store(ctx: _Ctx, it: _Item) -> Path:
+    """Write the de-identified dataset atomically under ``dicom/<series_key>/``; sets ``extra["stored"]``."""
+    data = dataset_to_bytes(it.ds)
+    dest = ctx.study_dir / "dicom" / it.extra["series_key"] / f"{ctx.p.short('sop', it.inst.sop_instance_uid)}.dcm"
+    atomic_write_bytes(dest, data)
+    it.extra["stored"] = (dest, sha256_bytes(data), len(data))
+    return dest
+
+
+def _image_series_row(ctx: _Ctx, members: list[_Item], geom, patient_id: str) -> dict:
+    first = members[0]
+    return {
+        "study_key": ctx.group.key, "patient_id": patient_id, "source": "dicom",
+        "series_key": first.extra["series_key"], "object_key": first.extra["object_key"],
+        "modality": first.inst.modality, "sequence": first.extra.get("sequence", ""),
+        "n_files": len(members), "rows": geom.rows, "columns": geom.columns, "n_slices": geom.n_slices,
+        "spacing_x": geom.spacing[0], "spacing_y": geom.spacing[1], "spacing_z": geom.spacing[2],
+        "origin_x": geom.origin[0], "origin_y": geom.origin[1], "origin_z": geom.origin[2],
+        "orientation": _fmt(first.inst.image_orientation),
+        "frame_of_reference_uid": str(first.ds.get("FrameOfReferenceUID", "") or ""),
+        "series_instance_uid": str(first.ds.SeriesInstanceUID), "status": "ok",
+    }
+
+
+def _rt_object_row(ctx: _Ctx, it: _Item, patient_id: str) -> dict:
+    ds, inst = it.ds, it.inst
+    row = {
+        "study_key": ctx.group.key, "patient_id": patient_id, "source": "dicom",
+        "series_key": it.extra["series_key"], "object_key": it.extra["object_key"],
+        "modality": inst.modality, "n_files": 1,
+        "frame_of_reference_uid": str(ds.get("FrameOfReferenceUID", "") or ""),
+        "series_instance_uid": str(ds.SeriesInstanceUID), "status": "ok",
+        "referenced_series_key": ctx.p.short("series", it.extra["ref_series"], "se-") if it.extra.get("ref_series") else "",
+        "referenced_object_key": ctx.p.short("sop", it.extra["ref_plan"], "ob-") if it.extra.get("ref_plan") else "",
+    }
+    if inst.modality == "RTSTRUCT":
+        row["roi_names"] = ",".join(it.extra["roi_names"])
+        row["n_rois"] = it.extra["n_rois"]
+    elif inst.modality == "RTDOSE":
+        row.update(_rtdose_columns(it))
+    elif inst.modality == "RTPLAN":
+        row["n_beams"] = inst.extra.get("n_beams", 0)
+    return row
+
+
+def _rtdose_columns(it: _Item) -> dict:
+    """The grid, units, summation type, maximum and referenced beam of an RT Dose row."""
+    ds, inst = it.ds, it.inst
+    return {
+        "referenced_beam": referenced_beam_number(ds),
+        "rows": inst.rows, "columns": inst.columns, "n_slices": inst.number_of_frames,
+        "spacing_x": inst.pixel_spacing[1], "spacing_y": inst.pixel_spacing[0],
+        "origin_x": inst.image_position[0], "origin_y": inst.image_position[1],
+        "origin_z": inst.image_position[2], "orientation": _fmt(inst.image_orientation),
+        "dose_units": str(ds.get("DoseUnits", "") or ""),
+        "dose_summation_type": str(ds.get("DoseSummationType", "") or ""),
+        "dose_max": _dose_max(ds),
+    }
 
 
 def _fmt(values) -> str:

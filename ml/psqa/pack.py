@@ -57,7 +57,7 @@ def _plane(ds) -> tuple[np.ndarray, float]:
 
 def compute_plan_qa(plan_ds, dose_datasets: list, gamma_kwargs: dict | None = None) -> PlanQA:
     """``dose_datasets``: the RT Dose datasets that reference this plan."""
-    from ml.data.ingest import _referenced_beam
+    from ml.data.dicom.rtdose import referenced_beam_number
     from ml.metrics.gamma import gamma_pass_rates
     from ml.psqa.complexity import complexity_tables
     from ml.psqa.fluence import plan_fluence
@@ -73,7 +73,7 @@ def compute_plan_qa(plan_ds, dose_datasets: list, gamma_kwargs: dict | None = No
         if abs(ps - spacing) > 1e-6:
             raise ValueError("QA planes of one plan have different pixel spacing")
         kind = str(ds.get("DoseSummationType", "")).upper()
-        beam = _referenced_beam(ds)
+        beam = referenced_beam_number(ds)
         if kind == "RECORD":
             if beam >= 0:
                 measured_beams[beam] = arr

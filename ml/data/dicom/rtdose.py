@@ -67,3 +67,13 @@ def read_dose(ds, path: Path | None = None) -> Volume:
             "dose_summation_type": str(ds.get("DoseSummationType", "") or ""),
         },
     )
+
+
+def referenced_beam_number(ds) -> int:
+    """Beam number a per-beam RT Dose refers to (-1 for plan/composite doses)."""
+    for rp in ds.get("ReferencedRTPlanSequence", []) or []:
+        for fg in rp.get("ReferencedFractionGroupSequence", []) or []:
+            for rb in fg.get("ReferencedBeamSequence", []) or []:
+                if rb.get("ReferencedBeamNumber") is not None:
+                    return int(rb.ReferencedBeamNumber)
+    return -1
