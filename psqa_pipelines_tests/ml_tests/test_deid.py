@@ -12,7 +12,6 @@ import pytest
 
 from ml.data.dicom.deid import (
     DEV_SECRET,
-    SECRET_ENV,
     DicomDeidentifier,
     Pseudonymizer,
     needs_pixel_cleaning,
@@ -204,12 +203,15 @@ def test_pseudonymizer_shapes():
 
 
 def test_resolve_secret(monkeypatch):
-    monkeypatch.delenv(SECRET_ENV, raising=False)
     assert resolve_secret() == (DEV_SECRET, True)
     assert resolve_secret("abc") == ("abc", False)
-    monkeypatch.setenv(SECRET_ENV, "from-env")
-    assert resolve_secret() == ("from-env", False)
-    assert Pseudonymizer().patient("id:1") == Pseudonymizer("from-env").patient("id:1")
+    assert resolve_secret(DEV_SECRET) == (DEV_SECRET, True)
+    # ml takes the secret as an argument only: the environment is the pipeline's business
+    monkeypatch.setenv("PSQA_DEID_SECRET", "from-env")
+    assert resolve_secret() == (DEV_SECRET, True)
+    assert Pseudonymizer().is_dev_secret
+    assert Pseudonymizer().patient("id:1") == Pseudonymizer(DEV_SECRET).patient("id:1")
+    assert Pseudonymizer().patient("id:1") != Pseudonymizer("from-env").patient("id:1")
 
 
 def test_patient_key_fallbacks(study):

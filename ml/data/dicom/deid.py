@@ -27,22 +27,21 @@ What this implements, attribute by attribute:
 * Files flagged ``BurnedInAnnotation = YES`` cannot be cleaned without pixel processing; the
   ingester quarantines them (see ``needs_pixel_cleaning``).
 
-The secret for the keyed hash (HMAC-SHA256) comes from ``PSQA_DEID_SECRET``; a documented
-development default exists so the demo runs out of the box, and a warning is logged when it
-is in use. Without the secret the pseudonyms cannot be linked back to the source identifiers.
+The secret for the keyed hash (HMAC-SHA256) is passed in by the caller (the pipeline reads it
+from ``PSQA_DEID_SECRET`` in ``psqa_pipelines.settings``); without one, a documented development
+default is used so the demo runs out of the box, and the caller is told (``is_dev_secret``) so
+that it can log a warning. Without the secret the pseudonyms cannot be linked back to the source identifiers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 DEV_SECRET = "psqa-dev-secret-not-for-clinical-use"
-SECRET_ENV = "PSQA_DEID_SECRET"
 
 # (group, element) -> action.  Subset of PS3.15 Table E.1-1 relevant to RT / CT / MR objects.
 BASIC_PROFILE: dict[tuple[int, int], str] = {
@@ -188,12 +187,9 @@ DEID_METHOD = "PS3.15 Basic Profile; keyed-hash pseudonyms; UIDs remapped"
 
 
 def resolve_secret(secret: str | None = None) -> tuple[str, bool]:
-    """Return (secret, is_dev_default)."""
+    """Return (secret, is_dev_default): ``secret``, or the development secret when none is given."""
     if secret:
         return secret, secret == DEV_SECRET
-    env = os.environ.get(SECRET_ENV, "")
-    if env:
-        return env, env == DEV_SECRET
     return DEV_SECRET, True
 
 
