@@ -16,7 +16,8 @@ _COLORS = {
 }
 
 
-def _figure(nrows: int, ncols: int, size: float = 3.2):
+def figure_grid(nrows: int, ncols: int, size: float = 3.2):
+    """``(pyplot, figure, axes[nrows][ncols])`` on the Agg backend, ``size`` inches per panel."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -26,7 +27,8 @@ def _figure(nrows: int, ncols: int, size: float = 3.2):
     return plt, fig, axes
 
 
-def _png(plt, fig, dpi: int = 80) -> bytes:
+def png_bytes(plt, fig, dpi: int = 80) -> bytes:
+    """The figure as PNG bytes (no software tag, so the same figure gives the same bytes); closes it."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
@@ -47,7 +49,7 @@ def ct_preview_png(ct: np.ndarray, masks: dict[str, np.ndarray], dose: np.ndarra
                    spacing: tuple[float, float, float], title: str = "") -> bytes:
     """Axial CT slice (soft-tissue window) with ROI outlines and a dose colour wash."""
     k = pick_slice(masks, ct.shape[0])
-    plt, fig, axes = _figure(1, 1, 4.5)
+    plt, fig, axes = figure_grid(1, 1, 4.5)
     ax = axes[0, 0]
     extent = (0, ct.shape[2] * spacing[0], ct.shape[1] * spacing[1], 0)
     ax.imshow(ct[k], cmap="gray", vmin=-160, vmax=240, extent=extent, interpolation="nearest")
@@ -75,7 +77,7 @@ def ct_preview_png(ct: np.ndarray, masks: dict[str, np.ndarray], dose: np.ndarra
     ax.set_title(title or f"axial slice {k}", fontsize=8)
     ax.set_xlabel("mm (patient right -> left)", fontsize=7)
     ax.tick_params(labelsize=6)
-    return _png(plt, fig)
+    return png_bytes(plt, fig)
 
 
 def mr_preview_png(mr: dict[str, np.ndarray], seg: np.ndarray | None, title: str = "") -> bytes:
@@ -86,7 +88,7 @@ def mr_preview_png(mr: dict[str, np.ndarray], seg: np.ndarray | None, title: str
         k = int(np.argmax((seg > 0).reshape(seg.shape[0], -1).sum(axis=1)))
     else:
         k = ref.shape[0] // 2
-    plt, fig, axes = _figure(1, len(names), 2.6)
+    plt, fig, axes = figure_grid(1, len(names), 2.6)
     for ax, name in zip(axes[0], names, strict=True):
         sl = mr[name][k]
         lo, hi = np.percentile(sl, [1, 99]) if np.any(sl) else (0, 1)
@@ -97,7 +99,7 @@ def mr_preview_png(mr: dict[str, np.ndarray], seg: np.ndarray | None, title: str
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=8)
-    return _png(plt, fig)
+    return png_bytes(plt, fig)
 
 
 def study_preview_png(preview: dict, title: str = "") -> bytes | None:

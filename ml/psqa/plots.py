@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ml.viz import _figure, _png
+from ml.viz import figure_grid, png_bytes
 
 
 def _legend(ax) -> None:
@@ -17,7 +17,7 @@ def _legend(ax) -> None:
 def scatter_png(preds: dict[str, np.ndarray], true: np.ndarray, criterion: str) -> bytes:
     """Predicted vs measured GPR, one panel per model variant."""
     n = len(preds)
-    plt, fig, axes = _figure(1, n, 2.8)
+    plt, fig, axes = figure_grid(1, n, 2.8)
     lo = float(min(true.min(), *(p.min() for p in preds.values()))) - 1
     for ax, (name, p) in zip(axes[0], preds.items(), strict=True):
         fail = true < 90
@@ -34,11 +34,11 @@ def scatter_png(preds: dict[str, np.ndarray], true: np.ndarray, criterion: str) 
         ax.set_ylim(lo, 100.5)
         ax.tick_params(labelsize=6)
     _legend(axes[0][0])
-    return _png(plt, fig)
+    return png_bytes(plt, fig)
 
 
 def bland_altman_png(pred: np.ndarray, true: np.ndarray, title: str) -> bytes:
-    plt, fig, axes = _figure(1, 1, 3.6)
+    plt, fig, axes = figure_grid(1, 1, 3.6)
     ax = axes[0, 0]
     mean, diff = (pred + true) / 2, pred - true
     bias, sd = float(diff.mean()), float(diff.std(ddof=1)) if len(diff) > 1 else 0.0
@@ -49,12 +49,12 @@ def bland_altman_png(pred: np.ndarray, true: np.ndarray, title: str) -> bytes:
     ax.set_xlabel("mean of predicted and measured GPR (%)", fontsize=7)
     ax.set_ylabel("predicted - measured (%)", fontsize=7)
     ax.tick_params(labelsize=6)
-    return _png(plt, fig)
+    return png_bytes(plt, fig)
 
 
 def contribution_curves_png(history: pd.DataFrame, title: str = "") -> bytes:
     """psi (normalised Shapley contribution) per task and modality, task weights and attention."""
-    plt, fig, axes = _figure(1, 3, 3.0)
+    plt, fig, axes = figure_grid(1, 3, 3.0)
     e = history["epoch"]
     for ax, task in zip(axes[0][:2], ("gpr", "dd"), strict=True):
         for m, c in (("image", "tab:blue"), ("table", "tab:orange")):
@@ -77,13 +77,13 @@ def contribution_curves_png(history: pd.DataFrame, title: str = "") -> bytes:
     ax.tick_params(labelsize=6)
     if title:
         fig.suptitle(title, fontsize=8)
-    return _png(plt, fig)
+    return png_bytes(plt, fig)
 
 
 def dd_examples_png(planned: np.ndarray, true_dd: np.ndarray, pred_dd: np.ndarray, labels: list[str]) -> bytes:
     """Rows = plans; columns = planned dose, measured - planned, predicted, prediction error."""
     n = len(labels)
-    plt, fig, axes = _figure(n, 4, 2.2)
+    plt, fig, axes = figure_grid(n, 4, 2.2)
     lim = float(np.percentile(np.abs(true_dd), 99.5)) or 1.0
     for i in range(n):
         panels = [(planned[i], "planned dose (rel.)", "viridis", None),
@@ -101,14 +101,14 @@ def dd_examples_png(planned: np.ndarray, true_dd: np.ndarray, pred_dd: np.ndarra
             if j == 0:
                 ax.set_ylabel(labels[i], fontsize=7)
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=5)
-    return _png(plt, fig)
+    return png_bytes(plt, fig)
 
 
 def shapley_bars_png(summary: pd.DataFrame, per_plan: pd.DataFrame | None = None) -> bytes:
     """Mean Shapley contribution per task and modality for each split (bars), and the per-plan
     distribution on the test split (box plots)."""
     tasks = sorted(summary["task"].unique()) if len(summary) else []
-    plt, fig, axes = _figure(1, 2, 3.2)
+    plt, fig, axes = figure_grid(1, 2, 3.2)
     ax = axes[0][0]
     splits = [s for s in ("train", "val", "test") if s in set(summary["split"])]
     width = 0.8 / max(len(splits), 1)
@@ -130,4 +130,4 @@ def shapley_bars_png(summary: pd.DataFrame, per_plan: pd.DataFrame | None = None
         ax.axhline(0, color="k", lw=0.5)
         ax.set_title("per-plan contributions (test)", fontsize=8)
         ax.tick_params(labelsize=6)
-    return _png(plt, fig)
+    return png_bytes(plt, fig)
