@@ -1,7 +1,10 @@
 # psqa_pipelines — one-command workflows. Everything runs from a local virtualenv (.venv).
 #   make demo   fresh machine -> venv, sample data, whole asset graph materialised, where to look
 #   make test   fresh machine -> venv, whole test suite
+#   make lint   ruff check + ruff format --check (read-only; CI runs it before the tests)
+#   make format ruff check --fix + ruff format (rewrites files)
 #   make dev    Dagster UI (127.0.0.1:3000) + MLflow UI (127.0.0.1:5000)
+# Rules and width: [tool.ruff] in pyproject.toml. Dev tools (pytest, ruff, ...) are the `dev` extra.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +15,7 @@ PYTEST_ARGS ?=
 # xdist workers: the CI machine has 2 cores
 PYTEST_WORKERS ?= 2
 
-.PHONY: install demo test dev bench constraints clean
+.PHONY: install demo test lint format dev bench constraints clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +33,14 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15 $(PYTEST_ARGS) psqa_pipelines_tests
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 dev: install
 	$(PY) -m psqa_pipelines.cli dev
