@@ -33,9 +33,7 @@ def _environment_reads(source: str, label: str) -> list[str]:
                            and isinstance(parent.ctx, ast.Store))
                 if not written:
                     found.append(f"{where} os.{node.attr} (read)")
-        elif isinstance(node, ast.Attribute) and node.attr == "EnvVar":
-            found.append(f"{where} EnvVar")
-        elif isinstance(node, ast.Name) and node.id == "EnvVar":
+        elif getattr(node, "attr", None) == "EnvVar" or getattr(node, "id", None) == "EnvVar":
             found.append(f"{where} EnvVar")
     return found
 

@@ -10,7 +10,6 @@ rounds; ``psqa_pack`` writes the training pack the ``ml`` trainer reads.
 """
 
 import json
-from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -22,7 +21,7 @@ from ml.utils.io import sha256_bytes, sha256_file
 from ml.utils.tables import typed_frame
 from psqa_pipelines.constants import OWNER_ML, OWNER_PHYSICS, PSQA
 from psqa_pipelines.lib.automation import lake_automation_condition
-from psqa_pipelines.lib.metadata import counts_table, md_png, md_table
+from psqa_pipelines.lib.metadata import counts_table, md_table
 from psqa_pipelines.lib.partitions import all_partitions_in, studies_partitions
 from psqa_pipelines.resources import DeidentificationResource, PsqaStorage
 
