@@ -87,7 +87,8 @@ def bench_series(slices: int, matrix: int, repeats: int) -> dict:
 
 
 def bench_openkbp(n_patients: int) -> dict | None:
-    from ml.data.ingest import pack_openkbp_patient, save_npz_deterministic, unpack_openkbp
+    from ml.data.ingest import pack_openkbp_patient, unpack_openkbp
+    from ml.utils.io import save_npz_deterministic
     from ml.data.openkbp import canonical_geometry, load_patient, to_canonical_array
     from ml.data.volume import Volume, write_nifti
 

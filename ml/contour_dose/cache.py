@@ -218,7 +218,7 @@ def openkbp_arrays(patient_id: str, patient) -> dict[str, np.ndarray]:
 # the cache directory
 # ---------------------------------------------------------------------------------------
 def write_entry(cache_dir: str | os.PathLike, patient_id: str, arrays: dict[str, np.ndarray]) -> dict:
-    from ml.data.ingest import save_npz_deterministic
+    from ml.utils.io import save_npz_deterministic
     from ml.utils.io import sha256_bytes
 
     rel = f"patients/{patient_id}.npz"

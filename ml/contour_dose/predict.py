@@ -163,7 +163,7 @@ def labels_to_masks(labels: np.ndarray, rois: tuple[str, ...]) -> dict[str, np.n
 def predict_openkbp_dir(model_dir: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
                         device: str = "auto", tta_flip: bool = False, log=print) -> pd.DataFrame:
     from ml.contour_dose.cache import CacheError, entry_from_openkbp
-    from ml.data.ingest import save_npz_deterministic
+    from ml.utils.io import save_npz_deterministic
     from ml.data.openkbp import OpenKBPError, from_canonical_array, load_patient, write_sparse
 
     lm = load_model(model_dir, device)
@@ -209,7 +209,7 @@ def _natural(name: str) -> tuple[str, int]:
 
 def predict_cases(model_dirs: dict[str, str | os.PathLike], cache_dir: str | os.PathLike, patient_ids: list[str],
                   out_dir: str | os.PathLike, device: str = "auto", tta_flip: bool = False, log=print) -> pd.DataFrame:
-    from ml.data.ingest import save_npz_deterministic
+    from ml.utils.io import save_npz_deterministic
 
     cache = Cache.open(cache_dir)
     out_dir = Path(out_dir)

@@ -18,7 +18,6 @@ Re-ingesting unchanged inputs produces byte-identical stored files and identical
 
 from __future__ import annotations
 
-import io
 import os
 import zipfile
 from collections import defaultdict
@@ -43,7 +42,7 @@ from ml.data.dicom.series import validate_series
 from ml.data.inbox import FileRef, StudyGroup, fingerprint
 from ml.data.quarantine import Quarantine, QuarantineRecord
 from ml.data.roi_names import canonical_roi_name
-from ml.utils.io import atomic_write_bytes, sha256_bytes, sha256_file
+from ml.utils.io import atomic_write_bytes, save_npz_deterministic, sha256_bytes, sha256_file
 from ml.utils.tables import typed_frame
 
 FILE_COLUMNS = {
@@ -508,22 +507,6 @@ def _ingest_nifti(ctx: _Ctx) -> StudyIngest:
 # ---------------------------------------------------------------------------------------
 # OpenKBP
 # ---------------------------------------------------------------------------------------
-def save_npz_deterministic(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> bytes:
-    """``np.savez_compressed`` with fixed zip timestamps (byte-identical for equal arrays)."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
-        for name in sorted(arrays):
-            arr_buf = io.BytesIO()
-            np.lib.format.write_array(arr_buf, np.ascontiguousarray(arrays[name]), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            zf.writestr(info, arr_buf.getvalue())
-    data = buf.getvalue()
-    atomic_write_bytes(path, data)
-    return data
-
-
 def pack_openkbp_patient(patient) -> dict[str, np.ndarray]:
     """The compact stored form: int16 HU, float32 dose, bit-packed masks."""
     from ml.data.roi_names import OPENKBP_ROIS

@@ -105,7 +105,7 @@ def compute_plan_qa(plan_ds, dose_datasets: list, gamma_kwargs: dict | None = No
 
 
 def save_planes(path: str | os.PathLike, qa: PlanQA) -> bytes:
-    from ml.data.ingest import save_npz_deterministic
+    from ml.utils.io import save_npz_deterministic
 
     return save_npz_deterministic(path, {
         "planned": qa.planned, "measured": qa.measured, "fluence": qa.fluence, "dd": qa.dd,

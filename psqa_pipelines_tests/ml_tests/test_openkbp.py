@@ -273,7 +273,8 @@ def test_voxel_dimensions_one_line(tmp_path):
 @pytest.mark.shared
 @pytest.mark.skipif(not REAL_PATIENT.is_dir(), reason="needs ../shared OpenKBP data")
 def test_real_openkbp_patient(tmp_path):
-    from ml.data.ingest import pack_openkbp_patient, save_npz_deterministic, unpack_openkbp
+    from ml.data.ingest import pack_openkbp_patient, unpack_openkbp
+    from ml.utils.io import save_npz_deterministic
 
     pat = load_patient(REAL_PATIENT)
     assert pat.voxel_dimensions == pytest.approx((3.906, 3.906, 2.5))
