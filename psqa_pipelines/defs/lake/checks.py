@@ -70,7 +70,8 @@ def build_lake_checks() -> list:
     checks = []
     for table, columns in LAKE_TABLES.items():
         checks += _checks_for(table, columns)
-    checks += _checks_for("quarantine_table", {c: ("int64" if c == "size_bytes" else "str") for c in QUARANTINE_COLUMNS})
+    quarantine_columns = {c: ("int64" if c == "size_bytes" else "str") for c in QUARANTINE_COLUMNS}
+    checks += _checks_for("quarantine_table", quarantine_columns)
     return checks
 
 
