@@ -1,14 +1,12 @@
 """The code location: the ``defs/`` folder (loaded by convention) plus the shared resources and
 the automation sensor.
 
-``dg.load_from_defs_folder`` imports every module under ``psqa_pipelines/defs/`` (one folder per
+``dg.load_defs`` imports every module under ``psqa_pipelines/defs/`` (one folder per
 domain: ingest, preprocess, lake, psqa, contour_dose) and registers each module-level asset,
 asset check, job, sensor and schedule exactly once. Resources are built from the environment
 (``PSQA_HOME`` and friends, read only by ``psqa_pipelines.settings``); tests build their own with
 temporary folders.
 """
-
-from pathlib import Path
 
 import dagster as dg
 
@@ -43,9 +41,12 @@ lake_automation = dg.AutomationConditionSensorDefinition(
 
 
 def load_domain_defs() -> dg.Definitions:
-    """Everything under ``psqa_pipelines/defs/`` (the project root is found from this file:
-    ``pyproject.toml``'s ``[tool.dg.project]``, defs module ``psqa_pipelines.defs``)."""
-    return dg.load_from_defs_folder(path_within_project=Path(__file__).resolve().parent)
+    """Everything under ``psqa_pipelines/defs/``, loaded from the package itself (``dg.load_defs``
+    on the ``psqa_pipelines.defs`` module), so a non-editable install (a wheel in the user-code image,
+    no ``pyproject.toml`` beside it) loads the same code location as the checkout."""
+    import psqa_pipelines.defs
+
+    return dg.load_defs(defs_root=psqa_pipelines.defs)
 
 
 def build_defs(resources: dict | None = None) -> dg.Definitions:

@@ -10,12 +10,14 @@ from ml.data.dicom.deid import DEV_SECRET, Pseudonymizer, resolve_secret
 class DeidentificationResource(dg.ConfigurableResource):
     """Keyed-hash pseudonyms (HMAC-SHA256) for partition keys, patient ids and UIDs.
 
-    Configure ``secret`` from an environment variable (``PSQA_DEID_SECRET``); when empty, the
-    same variable is read at run time, and without it the documented development secret is
-    used (and a warning is logged): fine for the synthetic demo, never for patient data.
+    ``secret`` comes from ``psqa_pipelines.settings.deid_secret_config``: ``dg.EnvVar("PSQA_DEID_SECRET")``
+    when that variable is set where the code location loads (resolved by Dagster at run time),
+    else empty, and empty means the documented development secret (a warning is logged): fine
+    for the synthetic demo, never for patient data.
     """
 
-    secret: str = Field(default="", description="HMAC key; leave empty to read PSQA_DEID_SECRET")
+    secret: str = Field(default="", description="HMAC key (set PSQA_DEID_SECRET before the code location loads); "
+                        "empty = the development secret")
 
     def pseudonymizer(self) -> Pseudonymizer:
         return Pseudonymizer(self.secret or None)
