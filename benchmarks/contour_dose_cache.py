@@ -40,9 +40,11 @@ def main() -> None:
         print(f"packed {len(index)} patients ({len(skipped)} skipped) in {time.perf_counter() - t:.1f} s")
     cache = Cache.open(args.cache)
     total = int(cache.index["bytes"].sum())
-    print(f"cache: {len(cache.index)} patients, {total / 1e6:.1f} MB ({total / len(cache.index) / 1e6:.2f} MB/patient; "
-          f"goal <= 120 MB for 169)")
-    ids = cache.patient_ids[:args.timing_patients]
+    print(
+        f"cache: {len(cache.index)} patients, {total / 1e6:.1f} MB ({total / len(cache.index) / 1e6:.2f} MB/patient; "
+        f"goal <= 120 MB for 169)"
+    )
+    ids = cache.patient_ids[: args.timing_patients]
     t = time.perf_counter()
     entries = [cache.load(p) for p in ids]
     t_cache = (time.perf_counter() - t) / len(ids)
@@ -50,7 +52,9 @@ def main() -> None:
     for p in ids:
         load_patient(args.data / p)
     t_csv = (time.perf_counter() - t) / len(ids)
-    print(f"load per patient: cache {t_cache * 1e3:.0f} ms vs OpenKBP CSV {t_csv * 1e3:.0f} ms ({t_csv / t_cache:.1f}x)")
+    print(
+        f"load per patient: cache {t_cache * 1e3:.0f} ms vs OpenKBP CSV {t_csv * 1e3:.0f} ms ({t_csv / t_cache:.1f}x)"
+    )
     data = build_slices(entries, PRODUCT_ROIS, 0.0, 500.0)
     g = torch.Generator().manual_seed(0)
     n, bs = 0, 32
@@ -60,9 +64,18 @@ def main() -> None:
         n += bs
     rate = n / (time.perf_counter() - t)
     print(f"product batch assembly from memory (CPU): {rate:.0f} slices/s (batch {bs}, {data.n} slices held)")
-    print(json.dumps({"patients": len(cache.index), "cache_mb": round(total / 1e6, 1),
-                      "load_ms_cache": round(t_cache * 1e3, 1), "load_ms_csv": round(t_csv * 1e3, 1),
-                      "assembly_slices_per_s": round(rate), "shape_example": list(np.shape(entries[0].ct))}))
+    print(
+        json.dumps(
+            {
+                "patients": len(cache.index),
+                "cache_mb": round(total / 1e6, 1),
+                "load_ms_cache": round(t_cache * 1e3, 1),
+                "load_ms_csv": round(t_csv * 1e3, 1),
+                "assembly_slices_per_s": round(rate),
+                "shape_example": list(np.shape(entries[0].ct)),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

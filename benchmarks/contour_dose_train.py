@@ -34,12 +34,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ml.contour_dose.losses import DWA  # noqa: E402
-from ml.contour_dose.models import build_model  # noqa: E402
-from ml.contour_dose.slices import build_slices, make_batch  # noqa: E402
-from ml.contour_dose.train import TrainConfig, model_config, train_step  # noqa: E402
-from ml.contour_dose.variants import VARIANTS, in_channels  # noqa: E402
-from ml.utils.torch_utils import resolve_device, set_seed  # noqa: E402
+from ml.contour_dose.losses import DWA
+from ml.contour_dose.models import build_model
+from ml.contour_dose.slices import build_slices, make_batch
+from ml.contour_dose.train import TrainConfig, model_config, train_step
+from ml.contour_dose.variants import VARIANTS, in_channels
+from ml.utils.torch_utils import resolve_device, set_seed
 
 SIZE = 128
 
@@ -80,8 +80,16 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def run_config(variant: str, widths: tuple[int, ...], batches: list[dict], device: torch.device,
-               channels_last: bool, amp: bool, warmup: int, steps: int) -> float:
+def run_config(
+    variant: str,
+    widths: tuple[int, ...],
+    batches: list[dict],
+    device: torch.device,
+    channels_last: bool,
+    amp: bool,
+    warmup: int,
+    steps: int,
+) -> float:
     set_seed(0)
     cfg = TrainConfig(variant=variant, widths=widths)
     model = build_model(model_config(cfg)).to(device)
@@ -115,8 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--data", type=Path, default=None, help="a contour-dose cache (real slices)")
     ap.add_argument("--cpu-bf16", action="store_true", help="also time bf16 autocast on the CPU")
-    ap.add_argument("--cpu-channels-last", action="store_true",
-                    help="also time channels-last on the CPU (may abort: see the module docstring)")
+    ap.add_argument(
+        "--cpu-channels-last",
+        action="store_true",
+        help="also time channels-last on the CPU (may abort: see the module docstring)",
+    )
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
     widths = tuple(int(w) for w in args.widths.split(","))
@@ -129,13 +140,18 @@ def main(argv: list[str] | None = None) -> int:
     if cuda or (args.cpu_bf16 and args.cpu_channels_last):
         configs.append(("bf16+channels-last", True, True))
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"device {name}; torch {torch.__version__}; widths {widths}; batch {args.batch}; "
-          f"{args.steps} timed steps x {args.repeats} repeats (median)")
+    print(
+        f"device {name}; torch {torch.__version__}; widths {widths}; batch {args.batch}; "
+        f"{args.steps} timed steps x {args.repeats} repeats (median)"
+    )
     for variant in args.variants.split(","):
         gen = torch.Generator().manual_seed(0)
         n = max(args.steps + args.warmup, 1)
-        batches = (real_batches(args.data, variant, args.batch, n, device) if args.data
-                   else [synthetic_batch(variant, args.batch, device, gen) for _ in range(n)])
+        batches = (
+            real_batches(args.data, variant, args.batch, n, device)
+            if args.data
+            else [synthetic_batch(variant, args.batch, device, gen) for _ in range(n)]
+        )
         rates: dict[str, list[float]] = {c[0]: [] for c in configs}
         peaks: dict[str, float] = {}
         for _ in range(args.repeats):
@@ -145,8 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         ref = statistics.median(rates["fp32"])
         for label, _cl, _amp in configs:
             r = statistics.median(rates[label])
-            print(f"{variant:16s} {label:20s} {r:8.1f} slices/s  {r / ref:5.2f}x fp32  "
-                  f"peak {'GPU' if device.type == 'cuda' else 'RSS'} {peaks[label]:.2f} GB")
+            print(
+                f"{variant:16s} {label:20s} {r:8.1f} slices/s  {r / ref:5.2f}x fp32  "
+                f"peak {'GPU' if device.type == 'cuda' else 'RSS'} {peaks[label]:.2f} GB"
+            )
     return 0
 
 

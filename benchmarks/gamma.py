@@ -71,7 +71,7 @@ def plane_256(vol: np.ndarray, spacing: tuple[float, ...], centre: tuple[int, ..
     """256 x 256 plane at 1 mm through ``centre`` (axes 0 and 1 of the volume), linear resampling."""
     from scipy import ndimage
 
-    off = (np.arange(256) - 127.5)  # mm
+    off = np.arange(256) - 127.5  # mm
     y = (centre[0] * spacing[0] + off) / spacing[0]
     x = (centre[1] * spacing[1] + off) / spacing[1]
     yy, xx = np.meshgrid(y, x, indexing="ij")
@@ -85,8 +85,9 @@ def pymedphys_gamma(ref, ev, spacing, dose_percent, dta_mm):
     axes = tuple(np.arange(n) * s for n, s in zip(ref.shape, spacing, strict=True))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return pymedphys.gamma(axes, ref, axes, ev, dose_percent, dta_mm, lower_percent_dose_cutoff=10,
-                               interp_fraction=10, max_gamma=2)
+        return pymedphys.gamma(
+            axes, ref, axes, ev, dose_percent, dta_mm, lower_percent_dose_cutoff=10, interp_fraction=10, max_gamma=2
+        )
 
 
 def gpr(g: np.ndarray) -> float:
@@ -114,9 +115,18 @@ def bench_case(name, ref, ev, spacing, criterion, repeats, with_pymedphys, threa
     gamma_pass_rate(ref, ev, spacing, dp, dta, **kw)
     t_map, g = _best(lambda: gamma_map(ref, ev, spacing, dp, dta, **kw), repeats)
     t_pass, pr = _best(lambda: gamma_pass_rate(ref, ev, spacing, dp, dta, **kw), repeats)
-    out = {"case": name, "criterion": f"{dp}%/{dta}mm", "shape": list(ref.shape), "spacing_mm": list(spacing),
-           "points": int(np.count_nonzero(~np.isnan(g))), "torch_threads": threads or 1,
-           "ours_map_s": t_map, "ours_pass_rate_s": t_pass, "ours_gpr": gpr(g), "ours_fast_gpr": pr}
+    out = {
+        "case": name,
+        "criterion": f"{dp}%/{dta}mm",
+        "shape": list(ref.shape),
+        "spacing_mm": list(spacing),
+        "points": int(np.count_nonzero(~np.isnan(g))),
+        "torch_threads": threads or 1,
+        "ours_map_s": t_map,
+        "ours_pass_rate_s": t_pass,
+        "ours_gpr": gpr(g),
+        "ours_fast_gpr": pr,
+    }
     if with_pymedphys:
         t0 = time.perf_counter()
         gp = pymedphys_gamma(ref, ev, spacing, dp, dta)
@@ -136,13 +146,17 @@ def bench_case(name, ref, ev, spacing, criterion, repeats, with_pymedphys, threa
 
 
 def summary(r: dict) -> str:
-    s = (f"{r['case']} {r['criterion']} ({r['points']} points): "
-         f"ours map {r['ours_map_s']:.3f} s, "
-         f"pass-rate only {r['ours_pass_rate_s']:.3f} s (GPR {r['ours_gpr']:.2f}%)")
+    s = (
+        f"{r['case']} {r['criterion']} ({r['points']} points): "
+        f"ours map {r['ours_map_s']:.3f} s, "
+        f"pass-rate only {r['ours_pass_rate_s']:.3f} s (GPR {r['ours_gpr']:.2f}%)"
+    )
     if "pymedphys_s" in r:
-        s += (f" | pymedphys {r['pymedphys_s']:.2f} s (GPR {r['pymedphys_gpr']:.2f}%) | diff {r['gpr_diff_pp']:+.3f} pp"
-              f", max |gamma diff| {r['max_abs_gamma_diff']:.1e}"
-              f" | ratio {r['ratio_map']:.0f}x (pass-rate only {r['ratio_pass_rate']:.0f}x)")
+        s += (
+            f" | pymedphys {r['pymedphys_s']:.2f} s (GPR {r['pymedphys_gpr']:.2f}%) | diff {r['gpr_diff_pp']:+.3f} pp"
+            f", max |gamma diff| {r['max_abs_gamma_diff']:.1e}"
+            f" | ratio {r['ratio_map']:.0f}x (pass-rate only {r['ratio_pass_rate']:.0f}x)"
+        )
     if "cuda_map_s" in r:
         s += f" | CUDA ({r['cuda_device']}) {r['cuda_map_s']:.3f} s (GPR {r['cuda_gpr']:.2f}%)"
     return s
@@ -176,21 +190,25 @@ def main(argv: list[str] | None = None) -> int:
         import numba
 
         numba_threads = numba.get_num_threads()
-    print(f"{os.cpu_count()} CPU cores; ours: torch {torch.__version__} on {args.threads or 1} thread(s); "
-          f"pymedphys: numba on {numba_threads} thread(s)", flush=True)
+    print(
+        f"{os.cpu_count()} CPU cores; ours: torch {torch.__version__} on {args.threads or 1} thread(s); "
+        f"pymedphys: numba on {numba_threads} thread(s)",
+        flush=True,
+    )
     results = []
     for crit in ((2, 2), (3, 3)):
         results.append(bench_case("3D 128^3", ref, ev, spacing, crit, args.repeats, with_pmp, args.threads))
         print(summary(results[-1]), flush=True)
     for crit in ((2, 2), (3, 3)):
-        results.append(bench_case("2D 256^2 @1mm", ref2, ev2, (1.0, 1.0), crit, args.repeats, with_pmp,
-                                  args.threads))
+        results.append(bench_case("2D 256^2 @1mm", ref2, ev2, (1.0, 1.0), crit, args.repeats, with_pmp, args.threads))
         print(summary(results[-1]), flush=True)
     goal = results[0]
     if "ratio_map" in goal:
         met = goal["ratio_map"] >= GOAL_RATIO
-        print(f"goal >= {GOAL_RATIO:.0f}x vs pymedphys on CPU (3D 128^3, 2%/2mm, full map, {os.cpu_count()} cores): "
-              f"{'met' if met else 'NOT met'} ({goal['ratio_map']:.0f}x)")
+        print(
+            f"goal >= {GOAL_RATIO:.0f}x vs pymedphys on CPU (3D 128^3, 2%/2mm, full map, {os.cpu_count()} cores): "
+            f"{'met' if met else 'NOT met'} ({goal['ratio_map']:.0f}x)"
+        )
     if args.json:
         args.json.write_text(json.dumps({"cores": os.cpu_count(), "results": results}, indent=2))
     return 0

@@ -42,8 +42,16 @@ def bench_series(slices: int, matrix: int, repeats: int) -> dict:
     from ml.data.synthetic import generate_hn_study
 
     with tempfile.TemporaryDirectory() as tmp:
-        truth = generate_hn_study(tmp, seed=1, matrix=matrix, pixel_spacing_mm=500.0 / matrix, n_slices=slices,
-                                  slice_thickness_mm=2.5, with_rtstruct=False, with_dose=False)
+        truth = generate_hn_study(
+            tmp,
+            seed=1,
+            matrix=matrix,
+            pixel_spacing_mm=500.0 / matrix,
+            n_slices=slices,
+            slice_thickness_mm=2.5,
+            with_rtstruct=False,
+            with_dose=False,
+        )
         paths = [str(p) for p in truth.ct_files]
         rng = np.random.default_rng(0)
         rng.shuffle(paths)  # arrival order is not slice order
@@ -78,7 +86,9 @@ def bench_series(slices: int, matrix: int, repeats: int) -> dict:
         t_plain = _best(plain, repeats)
         t_ours = _best(lambda: load_series_volume(paths), repeats)
     return {
-        "slices": slices, "matrix": matrix, "cores": os.cpu_count(),
+        "slices": slices,
+        "matrix": matrix,
+        "cores": os.cpu_count(),
         "plain_pydicom_slices_per_s": slices / t_plain,
         "ours_slices_per_s": slices / t_ours,
         "speedup_vs_plain": t_plain / t_ours,
@@ -88,9 +98,9 @@ def bench_series(slices: int, matrix: int, repeats: int) -> dict:
 
 def bench_openkbp(n_patients: int) -> dict | None:
     from ml.data.ingest import pack_openkbp_patient, unpack_openkbp
-    from ml.utils.io import save_npz_deterministic
     from ml.data.openkbp import canonical_geometry, load_patient, to_canonical_array
     from ml.data.volume import Volume, write_nifti
+    from ml.utils.io import save_npz_deterministic
 
     src = REPO.parent / "shared" / "datasets" / "openkbp" / "train-pats"
     if not src.is_dir():
@@ -110,8 +120,10 @@ def bench_openkbp(n_patients: int) -> dict | None:
             t0 = time.perf_counter()
             p = unpack_openkbp(npz)
             geom = canonical_geometry(p.voxel_dimensions)
-            vols = {"ct": Volume(to_canonical_array(p.ct_hu), **geom),
-                    "pdm": Volume(to_canonical_array(p.possible_dose_mask.astype(np.uint8)), **geom)}
+            vols = {
+                "ct": Volume(to_canonical_array(p.ct_hu), **geom),
+                "pdm": Volume(to_canonical_array(p.possible_dose_mask.astype(np.uint8)), **geom),
+            }
             if p.dose is not None:
                 vols["dose"] = Volume(to_canonical_array(p.dose), **geom)
             for name, m in p.structures.items():
@@ -141,18 +153,22 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = {"series": bench_series(args.slices, args.matrix, args.repeats), "openkbp": bench_openkbp(args.patients)}
     s = out["series"]
-    print(f"DICOM series ({s['slices']} x {s['matrix']}^2, {s['cores']} cores): plain pydicom "
-          f"{s['plain_pydicom_slices_per_s']:.0f} slices/s | ours {s['ours_slices_per_s']:.0f} slices/s "
-          f"| ratio {s['speedup_vs_plain']:.2f}x "
-          f"| goal >= 150 slices/s: {'met' if s['ours_slices_per_s'] >= 150 else 'NOT met'} | full ingestion "
-          f"(validate + de-identify + write + index) {s['full_ingest_deid_write_slices_per_s']:.0f} slices/s")
+    print(
+        f"DICOM series ({s['slices']} x {s['matrix']}^2, {s['cores']} cores): plain pydicom "
+        f"{s['plain_pydicom_slices_per_s']:.0f} slices/s | ours {s['ours_slices_per_s']:.0f} slices/s "
+        f"| ratio {s['speedup_vs_plain']:.2f}x "
+        f"| goal >= 150 slices/s: {'met' if s['ours_slices_per_s'] >= 150 else 'NOT met'} | full ingestion "
+        f"(validate + de-identify + write + index) {s['full_ingest_deid_write_slices_per_s']:.0f} slices/s"
+    )
     k = out["openkbp"]
     if k:
-        print(f"OpenKBP ({k['patients']} patients): CSV -> cache {k['csv_to_cache_s_per_patient']:.3f} s/patient | "
-              f"cache -> volumes {k['cache_to_volumes_s_per_patient']:.3f} s/patient (max "
-              f"{k['cache_to_volumes_max_s']:.3f}) | ratio {k['cache_vs_csv_speedup']:.1f}x | NIfTI write "
-              f"{k['volumes_to_nifti_s_per_patient']:.3f} s/patient | goal <= 0.3 s: "
-              f"{'met' if k['cache_to_volumes_s_per_patient'] <= 0.3 else 'NOT met'}")
+        print(
+            f"OpenKBP ({k['patients']} patients): CSV -> cache {k['csv_to_cache_s_per_patient']:.3f} s/patient | "
+            f"cache -> volumes {k['cache_to_volumes_s_per_patient']:.3f} s/patient (max "
+            f"{k['cache_to_volumes_max_s']:.3f}) | ratio {k['cache_vs_csv_speedup']:.1f}x | NIfTI write "
+            f"{k['volumes_to_nifti_s_per_patient']:.3f} s/patient | goal <= 0.3 s: "
+            f"{'met' if k['cache_to_volumes_s_per_patient'] <= 0.3 else 'NOT met'}"
+        )
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     return 0

@@ -83,25 +83,39 @@ def main() -> None:
     pack_dir = build(args.out, args.plans, args.seed, args.workers)
     pack = load_pack(pack_dir)
     t = pack.table
-    print(f"pack: {len(t)} plans, splits {t['split'].value_counts().to_dict()}, "
-          f"GPR<90 % at 2%/2mm: {(t['gpr_2_2'] < 90).mean():.1%}")
+    print(
+        f"pack: {len(t)} plans, splits {t['split'].value_counts().to_dict()}, "
+        f"GPR<90 % at 2%/2mm: {(t['gpr_2_2'] < 90).mean():.1%}"
+    )
     variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
     dirs, timing = {}, {}
     for v in variants:
         d = args.out / "models" / v
         if not (d / "metrics.json").exists():
             t0 = time.perf_counter()
-            train(pack_dir, d, TrainConfig(variant=v, epochs=args.epochs, device=args.device, seed=0),
-                  log=lambda *_: None)
+            train(
+                pack_dir, d, TrainConfig(variant=v, epochs=args.epochs, device=args.device, seed=0), log=lambda *_: None
+            )
             timing[v] = time.perf_counter() - t0
         m = json.loads((d / "metrics.json").read_text())
-        print(f"{v}: best epoch {m['best_epoch']}/{m['epochs_run']}, {m['train_samples_per_s']:.0f} samples/s, "
-              f"{timing.get(v, float('nan')):.0f} s")
+        print(
+            f"{v}: best epoch {m['best_epoch']}/{m['epochs_run']}, {m['train_samples_per_s']:.0f} samples/s, "
+            f"{timing.get(v, float('nan')):.0f} s"
+        )
         dirs[v] = str(d)
     rows_t = pack.split("test")
     table = ablation_table(predict_models(dirs, pack_dir), rows_t, pack.dd_for(rows_t), pack.split("train"))
-    cols = ["model", "MAE 3%/3mm", "MAE 2%/3mm", "MAE 2%/2mm", "MAE GPR<90 (2%/2mm)", "AUC fail (2%/2mm)",
-            "Spearman (2%/2mm)", "DD SSIM mean", "DD MAE (%)"]
+    cols = [
+        "model",
+        "MAE 3%/3mm",
+        "MAE 2%/3mm",
+        "MAE 2%/2mm",
+        "MAE GPR<90 (2%/2mm)",
+        "AUC fail (2%/2mm)",
+        "Spearman (2%/2mm)",
+        "DD SSIM mean",
+        "DD MAE (%)",
+    ]
     print(table[[c for c in cols if c in table.columns]].to_markdown(index=False, floatfmt=".3f"))
     table.to_csv(args.out / "ablation.csv", index=False)
     n_fail = int((pack.split("test")["gpr_2_2"] < 90).sum())

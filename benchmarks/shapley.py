@@ -80,9 +80,13 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[t] - b[t]).abs().max()) for t in a)
 
 
-def report(title: str, t: dict[str, list[float]], names: tuple[str, str, str], goal: float | None = None,
-           labels: tuple[str, str, str] = ("one forward", "fast coalitions + Shapley", "naive 2^M forwards + Shapley")
-           ) -> None:
+def report(
+    title: str,
+    t: dict[str, list[float]],
+    names: tuple[str, str, str],
+    goal: float | None = None,
+    labels: tuple[str, str, str] = ("one forward", "fast coalitions + Shapley", "naive 2^M forwards + Shapley"),
+) -> None:
     """Median times; the ratios are medians of the per-round ratios (robust to load drifting
     between rounds on a shared machine)."""
     a, b, c = (t[n] for n in names)
@@ -94,8 +98,10 @@ def report(title: str, t: dict[str, list[float]], names: tuple[str, str, str], g
     rb, rc = ratio(b, a), ratio(c, a)
     print(f"  {title}")
     print(f"    (a) {labels[0]:48s} {med(a) * 1e3:8.1f} ms")
-    print(f"    (b) {labels[1]:48s} {med(b) * 1e3:8.1f} ms   (b)/(a) = {rb:5.2f}x"
-          + (f"   goal <= {goal}x: {'met' if rb <= goal else 'NOT met'}" if goal else ""))
+    print(
+        f"    (b) {labels[1]:48s} {med(b) * 1e3:8.1f} ms   (b)/(a) = {rb:5.2f}x"
+        + (f"   goal <= {goal}x: {'met' if rb <= goal else 'NOT met'}" if goal else "")
+    )
     print(f"    (c) {labels[2]:48s} {med(c) * 1e3:8.1f} ms   (c)/(a) = {rc:5.2f}x   (c)/(b) = {ratio(c, b):4.2f}x")
 
 
@@ -119,17 +125,27 @@ def bench_bmmqa(batch: int, n_tab: int, repeats: int) -> None:
         naive_phi = coalition_shapley(naive_bmmqa_coalitions(model, image, table), errs)
         full_fwd = model(image, table)
         full_co = model.coalitions(image, table)[("image", "table")]
-    print(f"  max |phi_fast - phi_naive| = {max_diff(fast_phi, naive_phi):.2e} "
-          f"(random targets); max |full coalition - forward| = {max_diff(full_co, full_fwd):.2e}")
+    print(
+        f"  max |phi_fast - phi_naive| = {max_diff(fast_phi, naive_phi):.2e} "
+        f"(random targets); max |full coalition - forward| = {max_diff(full_co, full_fwd):.2e}"
+    )
 
     with torch.inference_mode():
-        t = interleaved({
-            "forward": lambda: model(image, table),
-            "fast": lambda: coalition_shapley(model.coalitions(image, table), errs),
-            "naive": lambda: coalition_shapley(naive_bmmqa_coalitions(model, image, table), errs),
-        }, repeats)
-    report("inference (torch.inference_mode, eval)", t, ("forward", "fast", "naive"), GOAL_M2,
-           labels=("one forward", "fast coalitions + Shapley", "naive 2^2 forwards + Shapley"))
+        t = interleaved(
+            {
+                "forward": lambda: model(image, table),
+                "fast": lambda: coalition_shapley(model.coalitions(image, table), errs),
+                "naive": lambda: coalition_shapley(naive_bmmqa_coalitions(model, image, table), errs),
+            },
+            repeats,
+        )
+    report(
+        "inference (torch.inference_mode, eval)",
+        t,
+        ("forward", "fast", "naive"),
+        GOAL_M2,
+        labels=("one forward", "fast coalitions + Shapley", "naive 2^2 forwards + Shapley"),
+    )
 
     # training step as in ml.psqa.train: forward + backward; coalitions from the detached encoding
     model.train()
@@ -156,12 +172,20 @@ def bench_bmmqa(batch: int, n_tab: int, repeats: int) -> None:
             m.train()
 
     # BatchNorm running stats move in train mode; that does not change the cost
-    t = interleaved({"step": lambda: step(None), "fast": lambda: step("fast"), "naive": lambda: step("naive")},
-                    max(repeats // 2, 5))
-    report("training step (coalitions without gradient, heads in eval mode, as in ml.psqa.train)", t,
-           ("step", "fast", "naive"), GOAL_M2,
-           labels=("forward + backward", "+ fast coalitions (detached encoding) + Shapley",
-                   "+ naive 2^2 forwards + Shapley"))
+    t = interleaved(
+        {"step": lambda: step(None), "fast": lambda: step("fast"), "naive": lambda: step("naive")}, max(repeats // 2, 5)
+    )
+    report(
+        "training step (coalitions without gradient, heads in eval mode, as in ml.psqa.train)",
+        t,
+        ("step", "fast", "naive"),
+        GOAL_M2,
+        labels=(
+            "forward + backward",
+            "+ fast coalitions (detached encoding) + Shapley",
+            "+ naive 2^2 forwards + Shapley",
+        ),
+    )
     model.eval()
 
 
@@ -184,14 +208,21 @@ def bench_multimodal(batch: int, repeats: int, m: int = 4) -> None:
     print(f"MultiModalNet (M = {m}), {n_params / 1e6:.2f} M parameters, batch {batch} x {m} x 1 x 64 x 64")
     with torch.inference_mode():
         d = max_diff(phi(net.coalitions(xs)), phi(net.naive_coalitions(xs)))
-        t = interleaved({
-            "forward": lambda: net(xs),
-            "fast": lambda: phi(net.coalitions(xs)),
-            "naive": lambda: phi(net.naive_coalitions(xs)),
-        }, max(repeats // 2, 5))
+        t = interleaved(
+            {
+                "forward": lambda: net(xs),
+                "fast": lambda: phi(net.coalitions(xs)),
+                "naive": lambda: phi(net.naive_coalitions(xs)),
+            },
+            max(repeats // 2, 5),
+        )
     print(f"  max |phi_fast - phi_naive| = {d:.2e}")
-    report(f"inference (torch.inference_mode, eval), 2^{m} = {2 ** m} coalitions", t, ("forward", "fast", "naive"),
-           labels=("one forward", "fast coalitions + Shapley", f"naive 2^{m} forwards + Shapley"))
+    report(
+        f"inference (torch.inference_mode, eval), 2^{m} = {2**m} coalitions",
+        t,
+        ("forward", "fast", "naive"),
+        labels=("one forward", "fast coalitions + Shapley", f"naive 2^{m} forwards + Shapley"),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -203,10 +234,12 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"machine: {_cpu_name()}, {os.cpu_count()} logical CPUs, load avg {load:.2f}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"medians of {args.repeats} interleaved rounds (training, M = 4: {max(args.repeats // 2, 5)}); "
-          f"ratios = median of per-round ratios")
+    print(
+        f"machine: {_cpu_name()}, {os.cpu_count()} logical CPUs, load avg {load:.2f}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"medians of {args.repeats} interleaved rounds (training, M = 4: {max(args.repeats // 2, 5)}); "
+        f"ratios = median of per-round ratios"
+    )
     bench_bmmqa(args.batch, args.n_tab, args.repeats)
     bench_multimodal(args.batch, args.repeats)
     if hasattr(os, "getloadavg"):

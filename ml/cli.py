@@ -1,15 +1,15 @@
 """``python -m ml ...``: the core's command line (no dagster, no mlflow).
 
-    python -m ml sample-data --out DIR [--studies N] [--seed S]     synthetic H&N DICOM studies with planted PHI
-    python -m ml psqa simulate --out DIR --plans N --seed S [--batch B] [--start S] [--workers W] [--truth FILE]
-                                                                  IMRT QA digital twin: plans, dose planes, QA CSV
-    python -m ml contour-dose pack --data DIR --out CACHE                OpenKBP pt_N/ folders -> compact cache
-    python -m ml contour-dose train --data DIR --out MODEL_DIR [--model multi-automated|dose-only|...]
-                                    [--device cuda] [--max-minutes N]  DIR: a cache or OpenKBP pt_N/ folders
-    python -m ml contour-dose predict --data DIR --model MODEL_DIR --out PRED_DIR [--tta]
-                                                                  one pt_N.csv per patient (submission format)
-    python -m ml contour-dose evaluate --data CACHE --model MODEL_DIR [MODEL_DIR ...] [--split test] [--tta]
-                                       [--tables DIR]             OpenKBP dose/DVH scores, Dice per ROI, seed tables
+python -m ml sample-data --out DIR [--studies N] [--seed S]     synthetic H&N DICOM studies with planted PHI
+python -m ml psqa simulate --out DIR --plans N --seed S [--batch B] [--start S] [--workers W] [--truth FILE]
+                                                              IMRT QA digital twin: plans, dose planes, QA CSV
+python -m ml contour-dose pack --data DIR --out CACHE                OpenKBP pt_N/ folders -> compact cache
+python -m ml contour-dose train --data DIR --out MODEL_DIR [--model multi-automated|dose-only|...]
+                                [--device cuda] [--max-minutes N]  DIR: a cache or OpenKBP pt_N/ folders
+python -m ml contour-dose predict --data DIR --model MODEL_DIR --out PRED_DIR [--tta]
+                                                              one pt_N.csv per patient (submission format)
+python -m ml contour-dose evaluate --data CACHE --model MODEL_DIR [MODEL_DIR ...] [--split test] [--tta]
+                                   [--tables DIR]             OpenKBP dose/DVH scores, Dice per ROI, seed tables
 """
 
 from __future__ import annotations
@@ -20,18 +20,33 @@ import sys
 import time
 from pathlib import Path
 
+__all__ = ["build_parser", "main", "sample_data_entry"]
+
 
 def _sample_data(args: argparse.Namespace) -> int:
     from ml.data.synthetic import generate_hn_cohort
 
     t0 = time.perf_counter()
     truths = generate_hn_cohort(
-        args.out, args.studies, seed=args.seed, matrix=args.matrix, pixel_spacing_mm=args.pixel_spacing,
-        n_slices=args.slices, slice_thickness_mm=args.slice_thickness,
+        args.out,
+        args.studies,
+        seed=args.seed,
+        matrix=args.matrix,
+        pixel_spacing_mm=args.pixel_spacing,
+        n_slices=args.slices,
+        slice_thickness_mm=args.slice_thickness,
     )
     n_files = sum(len(t.ct_files) + (t.rtstruct_file is not None) + (t.rtdose_file is not None) for t in truths)
-    print(json.dumps({"studies": len(truths), "files": n_files, "seconds": round(time.perf_counter() - t0, 2),
-                      "out": str(Path(args.out).resolve())}))
+    print(
+        json.dumps(
+            {
+                "studies": len(truths),
+                "files": n_files,
+                "seconds": round(time.perf_counter() - t0, 2),
+                "out": str(Path(args.out).resolve()),
+            }
+        )
+    )
     return 0
 
 
@@ -41,11 +56,20 @@ def _bmmqa(args: argparse.Namespace) -> int:
     if args.action == "train":
         from ml.psqa.train import TrainConfig, train
 
-        cfg = TrainConfig(variant=args.variant, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                          seed=args.seed, device=args.device, max_minutes=args.max_minutes,
-                          patience=args.patience, warmup_epochs=args.warmup_epochs,
-                          checkpoint_minutes=args.checkpoint_minutes, log_every=args.log_every,
-                          model=json.loads(args.model_json) if args.model_json else {})
+        cfg = TrainConfig(
+            variant=args.variant,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            device=args.device,
+            max_minutes=args.max_minutes,
+            patience=args.patience,
+            warmup_epochs=args.warmup_epochs,
+            checkpoint_minutes=args.checkpoint_minutes,
+            log_every=args.log_every,
+            model=json.loads(args.model_json) if args.model_json else {},
+        )
         metrics = train(args.data, args.out, cfg)
         print(json.dumps(metrics))
         return 0
@@ -86,8 +110,7 @@ def _psqa(args: argparse.Namespace) -> int:
     if truth is not None and (truth == out or out in truth.parents):
         raise SystemExit("--truth must lie outside --out (the inbox must not hold the simulation truth)")
     t0 = time.perf_counter()
-    summary = simulate(out, args.plans, seed=args.seed, batch=args.batch, start_index=args.start,
-                       workers=args.workers)
+    summary = simulate(out, args.plans, seed=args.seed, batch=args.batch, start_index=args.start, workers=args.workers)
     seconds = time.perf_counter() - t0
     if truth is not None and summary:
         truth.parent.mkdir(parents=True, exist_ok=True)
@@ -96,15 +119,22 @@ def _psqa(args: argparse.Namespace) -> int:
             w.writeheader()
             w.writerows(summary)
     g = np.array([s["gpr_2_2"] for s in summary], float)
-    print(json.dumps({
-        "plans": len(summary), "patients": len({s["patient_id"] for s in summary}),
-        "files": int(sum(2 * s["n_beams"] + 3 for s in summary)) + 1,
-        "seconds": round(seconds, 2), "seconds_per_plan": round(seconds / max(len(summary), 1), 3),
-        "gpr_2_2_median": round(float(np.median(g)), 2) if g.size else None,
-        "fraction_gpr_2_2_below_90": round(float(np.mean(g < 90.0)), 4) if g.size else None,
-        "out": str(out), "qa_csv": str(out / "qa_results" / csv_name(args.batch, args.start)),
-        "truth": str(truth) if truth else None,
-    }))
+    print(
+        json.dumps(
+            {
+                "plans": len(summary),
+                "patients": len({s["patient_id"] for s in summary}),
+                "files": int(sum(2 * s["n_beams"] + 3 for s in summary)) + 1,
+                "seconds": round(seconds, 2),
+                "seconds_per_plan": round(seconds / max(len(summary), 1), 3),
+                "gpr_2_2_median": round(float(np.median(g)), 2) if g.size else None,
+                "fraction_gpr_2_2_below_90": round(float(np.mean(g < 90.0)), 4) if g.size else None,
+                "out": str(out),
+                "qa_csv": str(out / "qa_results" / csv_name(args.batch, args.start)),
+                "truth": str(truth) if truth else None,
+            }
+        )
+    )
     return 0
 
 
@@ -114,8 +144,17 @@ def _contour_dose(args: argparse.Namespace) -> int:
     if args.cd_cmd == "pack":
         t0 = time.perf_counter()
         index, skipped = C.pack_openkbp_dir(args.data, args.out, require_dose=not args.allow_missing_dose)
-        print(json.dumps({"patients": len(index), "skipped": len(skipped), "bytes": int(index["bytes"].sum()),
-                          "seconds": round(time.perf_counter() - t0, 1), "out": str(Path(args.out).resolve())}))
+        print(
+            json.dumps(
+                {
+                    "patients": len(index),
+                    "skipped": len(skipped),
+                    "bytes": int(index["bytes"].sum()),
+                    "seconds": round(time.perf_counter() - t0, 1),
+                    "out": str(Path(args.out).resolve()),
+                }
+            )
+        )
         return 0
     if args.cd_cmd == "train":
         from ml.contour_dose.train import TrainConfig, train
@@ -126,38 +165,55 @@ def _contour_dose(args: argparse.Namespace) -> int:
             if not (cache_dir / "meta.json").exists():
                 C.pack_openkbp_dir(data, cache_dir)
             data = cache_dir
-        cfg = TrainConfig(variant=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                          steps_per_epoch=args.steps_per_epoch, seed=args.seed, device=args.device,
-                          max_minutes=args.max_minutes, patience=args.patience, augment=not args.no_augment,
-                          widths=tuple(int(w) for w in args.widths.split(",")), val_patients=args.val_patients,
-                          contour_model=str(args.contour_model) if args.contour_model else None, amp=args.amp,
-                          checkpoint_minutes=args.checkpoint_minutes, log_every=args.log_every)
+        cfg = TrainConfig(
+            variant=args.model,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            steps_per_epoch=args.steps_per_epoch,
+            seed=args.seed,
+            device=args.device,
+            max_minutes=args.max_minutes,
+            patience=args.patience,
+            augment=not args.no_augment,
+            widths=tuple(int(w) for w in args.widths.split(",")),
+            val_patients=args.val_patients,
+            contour_model=str(args.contour_model) if args.contour_model else None,
+            amp=args.amp,
+            checkpoint_minutes=args.checkpoint_minutes,
+            log_every=args.log_every,
+        )
         metrics = train(data, args.out, cfg, split=args.split)
         print(json.dumps(metrics, default=float))
         return 0
     if args.cd_cmd == "evaluate":
         import tempfile
 
-        from ml.utils.io import json_safe
-
         from ml.contour_dose.cache import Cache
         from ml.contour_dose.evaluate import evaluate, markdown_tables
         from ml.contour_dose.predict import predict_cases
         from ml.contour_dose.train import load_split
+        from ml.utils.io import json_safe
 
         models = {json.loads((Path(m) / "config.json").read_text())["variant"]: m for m in args.model}
         cache = Cache.open(args.data)
         split = load_split(cache, args.split_file)
         ids = sorted(split.loc[split["split"] == args.split, "patient_id"])
         with tempfile.TemporaryDirectory() as tmp:
-            preds = predict_cases(models, args.data, ids, args.pred_dir or tmp, device=args.device, tta_flip=args.tta,
-                                  log=lambda *_: None)
+            preds = predict_cases(
+                models, args.data, ids, args.pred_dir or tmp, device=args.device, tta_flip=args.tta, log=lambda *_: None
+            )
             res = evaluate(preds, args.data)
-        out = {"split": args.split, "patients": len(ids), "tta": args.tta,
-               "scores": res["scores"].to_dict(orient="records")}
+        out = {
+            "split": args.split,
+            "patients": len(ids),
+            "tta": args.tta,
+            "scores": res["scores"].to_dict(orient="records"),
+        }
         if "contours" in res:
-            out["dice_per_roi"] = {v: df.groupby("roi")["dice"].mean().round(4).to_dict()
-                                   for v, df in res["contours"].items()}
+            out["dice_per_roi"] = {
+                v: df.groupby("roi")["dice"].mean().round(4).to_dict() for v, df in res["contours"].items()
+            }
         tables = markdown_tables(res)
         out["tables"] = sorted(tables)
         if args.tables:
@@ -177,22 +233,33 @@ def _contour_dose(args: argparse.Namespace) -> int:
     from ml.contour_dose.predict import predict_openkbp_dir
 
     summary = predict_openkbp_dir(args.model, args.data, args.out, device=args.device, tta_flip=args.tta)
-    print(json.dumps({"patients": int((summary["status"] == "ok").sum()),
-                      "skipped": int((summary["status"] != "ok").sum()), "out": str(Path(args.out).resolve())}))
+    print(
+        json.dumps(
+            {
+                "patients": int((summary["status"] == "ok").sum()),
+                "skipped": int((summary["status"] != "ok").sum()),
+                "out": str(Path(args.out).resolve()),
+            }
+        )
+    )
     return 0 if (summary["status"] == "ok").any() else 1
 
 
 def _engine_options(p: argparse.ArgumentParser) -> None:
     """The shared training engine's checkpoint and progress options."""
-    p.add_argument("--checkpoint-minutes", type=float, default=5.0,
-                   help="also checkpoint every N minutes inside an epoch (resumable mid-epoch); default 5")
-    p.add_argument("--log-every", type=int, default=0,
-                   help="progress line every N steps (default: every 30 s)")
+    p.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        default=5.0,
+        help="also checkpoint every N minutes inside an epoch (resumable mid-epoch); default 5",
+    )
+    p.add_argument("--log-every", type=int, default=0, help="progress line every N steps (default: every 30 s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ml", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m ml", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     sd = sub.add_parser("sample-data", help="write synthetic head-and-neck DICOM studies (CT, RTSTRUCT, RTDOSE)")
     sd.add_argument("--out", required=True, type=Path)
@@ -209,8 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--data", required=True, type=Path, help="pack directory (dataset.parquet, images.npy, dd.npy)")
     bm.add_argument("--out", type=Path, help="train: model dir; predict: prediction dir; evaluate: metrics json")
     bm.add_argument("--model", type=Path, help="trained model dir (predict/evaluate)")
-    bm.add_argument("--variant", default="bmmqa",
-                    choices=["bmmqa", "bmmqa_nobal", "concat", "tab_only", "img_only", "gpr_only", "dd_only"])
+    bm.add_argument(
+        "--variant",
+        default="bmmqa",
+        choices=["bmmqa", "bmmqa_nobal", "concat", "tab_only", "img_only", "gpr_only", "dd_only"],
+    )
     bm.add_argument("--epochs", type=int, default=60)
     bm.add_argument("--batch-size", type=int, default=32)
     bm.add_argument("--lr", type=float, default=1e-3)
@@ -221,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--max-minutes", type=float, default=None, help="time budget, checked after every step")
     _engine_options(bm)
     bm.add_argument("--split", default="test")
-    bm.add_argument("--model-json", default="", help='BMMQAConfig overrides, e.g. \'{"enc_widths": [16,32,64,128]}\'')
+    bm.add_argument("--model-json", default="", help="BMMQAConfig overrides, e.g. '{\"enc_widths\": [16,32,64,128]}'")
     bm.set_defaults(func=_bmmqa)
 
     ps = sub.add_parser("psqa", help="patient-specific QA tools")
@@ -233,8 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--batch", type=int, default=0, help="a new batch gives new patients, UIDs and CSV")
     sim.add_argument("--start", type=int, default=0, help="first plan index within the batch")
     sim.add_argument("--workers", type=int, default=None, help="processes (default: min(2, cpu count))")
-    sim.add_argument("--truth", type=Path, default=None,
-                     help="CSV of the hidden truth per plan (fault, machine state); must lie outside --out")
+    sim.add_argument(
+        "--truth",
+        type=Path,
+        default=None,
+        help="CSV of the hidden truth per plan (fault, machine state); must lie outside --out",
+    )
     sim.set_defaults(func=_psqa)
 
     cd = sub.add_parser("contour-dose", help="CTAN contour + dose models on OpenKBP-format data")
@@ -247,8 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr = cd_sub.add_parser("train", help="train (or resume) one model variant")
     tr.add_argument("--data", required=True, type=Path, help="a cache directory or OpenKBP pt_N/ folders")
     tr.add_argument("--out", required=True, type=Path, help="model directory (resumes from its checkpoint)")
-    tr.add_argument("--model", default="multi-automated",
-                    choices=["dose-only", "contour-only", "seq-human", "seq-automated", "multi-automated", "product"])
+    tr.add_argument(
+        "--model",
+        default="multi-automated",
+        choices=["dose-only", "contour-only", "seq-human", "seq-automated", "multi-automated", "product"],
+    )
     tr.add_argument("--contour-model", type=Path, default=None, help="seq-automated: trained contour-only model dir")
     tr.add_argument("--split", type=Path, default=None, help="parquet/csv (patient_id, split); default: seeded split")
     tr.add_argument("--epochs", type=int, default=100)
@@ -263,8 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", default="auto")
     tr.add_argument("--max-minutes", type=float, default=None, help="time budget, checked after every step")
     _engine_options(tr)
-    tr.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
-                    help="bf16 autocast: auto = on CUDA only; bf16 = also on a CPU with AVX512-BF16")
+    tr.add_argument(
+        "--amp",
+        default="auto",
+        choices=["auto", "bf16", "off"],
+        help="bf16 autocast: auto = on CUDA only; bf16 = also on a CPU with AVX512-BF16",
+    )
     tr.set_defaults(func=_contour_dose)
     pr = cd_sub.add_parser("predict", help="OpenKBP pt_N/ folders -> PRED_DIR/pt_N.csv (+ contours)")
     pr.add_argument("--data", required=True, type=Path)
@@ -280,9 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split-file", type=Path, default=None, help="parquet/csv (patient_id, split)")
     ev.add_argument("--pred-dir", type=Path, default=None, help="keep the predictions (npz) here")
     ev.add_argument("--out", type=Path, default=None, help="write the JSON here too")
-    ev.add_argument("--tables", type=Path, default=None,
-                    help="write the seed's markdown tables (scores, DVH-MAE + t-tests, Dice/HD95) and the "
-                         "per-patient CSVs here")
+    ev.add_argument(
+        "--tables",
+        type=Path,
+        default=None,
+        help="write the seed's markdown tables (scores, DVH-MAE + t-tests, Dice/HD95) and the per-patient CSVs here",
+    )
     ev.add_argument("--device", default="auto")
     ev.add_argument("--tta", action="store_true")
     ev.set_defaults(func=_contour_dose)

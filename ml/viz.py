@@ -9,10 +9,20 @@ import io
 
 import numpy as np
 
+__all__ = ["ct_preview_png", "figure_grid", "mr_preview_png", "pick_slice", "png_bytes", "study_preview_png"]
+
 _COLORS = {
-    "Body": "#bbbbbb", "PTV70": "#ff2d2d", "PTV63": "#ff9f1a", "PTV56": "#ffe14d",
-    "Brainstem": "#4dd2ff", "SpinalCord": "#3d7dff", "RightParotid": "#39d353",
-    "LeftParotid": "#b84dff", "Mandible": "#f5f5dc", "Esophagus": "#ff66c4", "Larynx": "#00e5c0",
+    "Body": "#bbbbbb",
+    "PTV70": "#ff2d2d",
+    "PTV63": "#ff9f1a",
+    "PTV56": "#ffe14d",
+    "Brainstem": "#4dd2ff",
+    "SpinalCord": "#3d7dff",
+    "RightParotid": "#39d353",
+    "LeftParotid": "#b84dff",
+    "Mandible": "#f5f5dc",
+    "Esophagus": "#ff66c4",
+    "Larynx": "#00e5c0",
 }
 
 
@@ -45,8 +55,13 @@ def pick_slice(masks: dict[str, np.ndarray], n_slices: int) -> int:
     return int(np.argmax(area)) if np.any(area) else n_slices // 2
 
 
-def ct_preview_png(ct: np.ndarray, masks: dict[str, np.ndarray], dose: np.ndarray | None,
-                   spacing: tuple[float, float, float], title: str = "") -> bytes:
+def ct_preview_png(
+    ct: np.ndarray,
+    masks: dict[str, np.ndarray],
+    dose: np.ndarray | None,
+    spacing: tuple[float, float, float],
+    title: str = "",
+) -> bytes:
     """Axial CT slice (soft-tissue window) with ROI outlines and a dose colour wash."""
     k = pick_slice(masks, ct.shape[0])
     plt, fig, axes = figure_grid(1, 1, 4.5)
@@ -69,8 +84,7 @@ def ct_preview_png(ct: np.ndarray, masks: dict[str, np.ndarray], dose: np.ndarra
         if not m[k].any():
             continue
         color = _COLORS.get(name, "#ffffff")
-        ax.contour(m[k].astype(float), levels=[0.5], colors=[color], linewidths=1.0, extent=extent,
-                   origin="upper")
+        ax.contour(m[k].astype(float), levels=[0.5], colors=[color], linewidths=1.0, extent=extent, origin="upper")
         handles.append(plt.Line2D([0], [0], color=color, lw=2, label=name))
     if handles:
         ax.legend(handles=handles, loc="lower left", fontsize=6, framealpha=0.6)
@@ -104,8 +118,9 @@ def mr_preview_png(mr: dict[str, np.ndarray], seg: np.ndarray | None, title: str
 
 def study_preview_png(preview: dict, title: str = "") -> bytes | None:
     if preview.get("ct") is not None:
-        return ct_preview_png(preview["ct"], preview.get("masks") or {}, preview.get("dose"),
-                              preview.get("spacing", (1, 1, 1)), title)
+        return ct_preview_png(
+            preview["ct"], preview.get("masks") or {}, preview.get("dose"), preview.get("spacing", (1, 1, 1)), title
+        )
     if preview.get("mr"):
         return mr_preview_png(preview["mr"], preview.get("seg"), title)
     return None

@@ -1,12 +1,12 @@
 """``psqa``: set up PSQA_HOME, run the demo, serve the UIs.
 
-    psqa init            create the PSQA_HOME layout, the Dagster instance config, the MLflow store
-    psqa demo            sample data -> inbox -> whole asset graph, in-process; prints where to look
-                         (--qa-plans N: simulated IMRT QA programme -> BMMQA + baselines trained on CPU,
-                         evaluation, Shapley report, champion alias; 0 skips the PSQA stage;
-                         --no-contour-dose skips the CTAN contour + dose stage: six tiny CPU models on the
-                         sample DICOM studies and the OpenKBP patients, scores, DICOM exports)
-    psqa dev             Dagster UI (dagster dev) + MLflow UI on loopback
+psqa init            create the PSQA_HOME layout, the Dagster instance config, the MLflow store
+psqa demo            sample data -> inbox -> whole asset graph, in-process; prints where to look
+                     (--qa-plans N: simulated IMRT QA programme -> BMMQA + baselines trained on CPU,
+                     evaluation, Shapley report, champion alias; 0 skips the PSQA stage;
+                     --no-contour-dose skips the CTAN contour + dose stage: six tiny CPU models on the
+                     sample DICOM studies and the OpenKBP patients, scores, DICOM exports)
+psqa dev             Dagster UI (dagster dev) + MLflow UI on loopback
 """
 
 import argparse
@@ -42,12 +42,23 @@ def init(home: Path) -> None:
     MlflowResource().ensure_store()
 
 
-DEMO_TRAINING = {"epochs": 8, "batch_size": 16, "patience": 50, "warmup_epochs": 2, "enc_widths": [8, 16, 32, 32],
-                 "dec_widths": [8, 8, 8, 8]}
+DEMO_TRAINING = {
+    "epochs": 8,
+    "batch_size": 16,
+    "patience": 50,
+    "warmup_epochs": 2,
+    "enc_widths": [8, 16, 32, 32],
+    "dec_widths": [8, 8, 8, 8],
+}
 
 
-DEMO_CONTOUR_DOSE = {"epochs": 2, "steps_per_epoch": 10, "batch_size": 8, "widths": [8, 16, 32, 64, 128],
-                     "val_patients": 2}
+DEMO_CONTOUR_DOSE = {
+    "epochs": 2,
+    "steps_per_epoch": 10,
+    "batch_size": 8,
+    "widths": [8, 16, 32, 64, 128],
+    "val_patients": 2,
+}
 
 
 def demo(home: Path, studies: int, with_shared: bool, qa_plans: int = 60, contour_dose: bool = True) -> int:
@@ -89,13 +100,24 @@ def demo(home: Path, studies: int, with_shared: bool, qa_plans: int = 60, contou
 
             print("training BMMQA and its baselines (small CPU configuration), evaluating, promoting ...")
             run_config = {"ops": {a.key.to_user_string(): {"config": DEMO_TRAINING} for a in training_assets}}
-            res = defs.resolve_job_def("train_psqa").execute_in_process(instance=instance, run_config=run_config,
-                                                                        raise_on_error=False)
+            res = defs.resolve_job_def("train_psqa").execute_in_process(
+                instance=instance, run_config=run_config, raise_on_error=False
+            )
             train_ok = res.success
             if res.success:
                 ev = res.output_for_node("psqa_evaluation")
-                cols = [c for c in ("model", "MAE 2%/3mm", "MAE 2%/2mm", "MAE GPR<90 (2%/2mm)", "AUC fail (2%/2mm)",
-                                    "DD SSIM mean") if c in ev.columns]
+                cols = [
+                    c
+                    for c in (
+                        "model",
+                        "MAE 2%/3mm",
+                        "MAE 2%/2mm",
+                        "MAE GPR<90 (2%/2mm)",
+                        "AUC fail (2%/2mm)",
+                        "DD SSIM mean",
+                    )
+                    if c in ev.columns
+                ]
                 print(ev[cols].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
         if contour_dose:
             from psqa_pipelines.defs.contour_dose.training import training_assets as cd_assets
@@ -103,26 +125,33 @@ def demo(home: Path, studies: int, with_shared: bool, qa_plans: int = 60, contou
             print("training the contour + dose family (tiny CPU models), evaluating, exporting DICOM ...")
             run_config = {"ops": {a.key.to_user_string(): {"config": DEMO_CONTOUR_DOSE} for a in cd_assets}}
             res = defs.resolve_job_def("train_contour_dose").execute_in_process(
-                instance=instance, run_config=run_config, raise_on_error=False)
+                instance=instance, run_config=run_config, raise_on_error=False
+            )
             train_ok = train_ok and res.success
             if res.success:
                 ev = res.output_for_node("contour_dose_evaluation")
                 cols = [c for c in ("model", "dose_score", "dvh_score", "mean_dice") if c in ev.columns]
                 print(ev[cols].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-                print("(pipeline check: 160 training slices per model on a handful of patients; these scores say "
-                      "nothing about the models. Real numbers: README, contour + dose section.)")
+                print(
+                    "(pipeline check: 160 training slices per model on a handful of patients; these scores say "
+                    "nothing about the models. Real numbers: README, contour + dose section.)"
+                )
     elapsed = time.perf_counter() - t0
     print()
-    print(f"demo finished in {elapsed:.0f} s: {len(report.studies)} studies ingested, {len(report.failed)} failed; "
-          f"files seen {report.files_seen} = ingested {report.files_ingested} + quarantined {report.files_quarantined}")
+    print(
+        f"demo finished in {elapsed:.0f} s: {len(report.studies)} studies ingested, {len(report.failed)} failed; "
+        f"files seen {report.files_seen} = ingested {report.files_ingested} + quarantined {report.files_quarantined}"
+    )
     print(f"  PSQA_HOME      {home}")
     print(f"  Parquet tables {storage.tables}")
     print(f"  volumes        {storage.lake / 'volumes'}")
     print(f"  quarantine     {storage.quarantine}")
     print(f"  MLflow store   {home / 'mlflow' / 'mlflow.db'}")
-    print("next: `make dev`, then open the Dagster UI at http://127.0.0.1:3000 (asset groups ingest -> "
-          "preprocess -> lake_tables -> psqa -> psqa_training -> contour_dose -> contour_dose_training) and MLflow at "
-          "http://127.0.0.1:5000 (models psqa-bmmqa with alias champion, contour-dose-<variant>)")
+    print(
+        "next: `make dev`, then open the Dagster UI at http://127.0.0.1:3000 (asset groups ingest -> "
+        "preprocess -> lake_tables -> psqa -> psqa_training -> contour_dose -> contour_dose_training) and MLflow at "
+        "http://127.0.0.1:5000 (models psqa-bmmqa with alias champion, contour-dose-<variant>)"
+    )
     return 0 if not report.failed and train_ok else 1
 
 
@@ -130,15 +159,40 @@ def dev(home: Path, dagster_port: int, mlflow_port: int) -> int:
     init(home)
     env = child_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     mlflow_cmd = [
-        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
-        "--default-artifact-root", (home / "mlflow" / "artifacts").as_uri(), "--host", "127.0.0.1",
-        "--port", str(mlflow_port), "--workers", "1",
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
+        "--default-artifact-root",
+        (home / "mlflow" / "artifacts").as_uri(),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(mlflow_port),
+        "--workers",
+        "1",
     ]
-    dagster_cmd = [sys.executable, "-m", "dagster", "dev", "-w", str(REPO_DIR / "workspace.yaml"),
-                   "-h", "127.0.0.1", "-p", str(dagster_port)]
-    procs = [subprocess.Popen(mlflow_cmd, env=env, start_new_session=True),
-             subprocess.Popen(dagster_cmd, env=env, cwd=REPO_DIR, start_new_session=True)]
-    print(f"Dagster UI: http://127.0.0.1:{dagster_port}   MLflow UI: http://127.0.0.1:{mlflow_port}   (Ctrl-C stops both)")
+    dagster_cmd = [
+        sys.executable,
+        "-m",
+        "dagster",
+        "dev",
+        "-w",
+        str(REPO_DIR / "workspace.yaml"),
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(dagster_port),
+    ]
+    procs = [
+        subprocess.Popen(mlflow_cmd, env=env, start_new_session=True),
+        subprocess.Popen(dagster_cmd, env=env, cwd=REPO_DIR, start_new_session=True),
+    ]
+    print(
+        f"Dagster UI: http://127.0.0.1:{dagster_port}   MLflow UI: http://127.0.0.1:{mlflow_port}   (Ctrl-C stops both)"
+    )
 
     def _terminate(signum, frame):
         raise KeyboardInterrupt
@@ -173,7 +227,9 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="psqa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="psqa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--home", type=Path, default=None, help="PSQA_HOME (default: $PSQA_HOME or <checkout>/.psqa)")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("init")

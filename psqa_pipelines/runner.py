@@ -27,11 +27,17 @@ class CycleReport:
     results: list = field(default_factory=list)
 
 
-def run_inbox_cycle(defs: dg.Definitions, instance: dg.DagsterInstance, cursor: str | None = None,
-                    rebuild_tables: bool = True, raise_on_error: bool = False) -> CycleReport:
+def run_inbox_cycle(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    cursor: str | None = None,
+    rebuild_tables: bool = True,
+    raise_on_error: bool = False,
+) -> CycleReport:
     resources = defs.resources
-    ctx = dg.build_sensor_context(instance=instance, cursor=cursor,
-                                  resources={"storage": resources["storage"], "deid": resources["deid"]})
+    ctx = dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources={"storage": resources["storage"], "deid": resources["deid"]}
+    )
     result = inbox_sensor(ctx)
     report = CycleReport(cursor=result.cursor)
     for req in result.dynamic_partitions_requests or []:
@@ -39,8 +45,9 @@ def run_inbox_cycle(defs: dg.Definitions, instance: dg.DagsterInstance, cursor: 
     for req in result.run_requests or []:
         job = defs.resolve_job_def(req.job_name)
         tags = {**req.tags, "dagster/sensor_name": "inbox_sensor", "dagster/run_key": req.run_key}
-        run = job.execute_in_process(instance=instance, partition_key=req.partition_key, tags=tags,
-                                     raise_on_error=raise_on_error)
+        run = job.execute_in_process(
+            instance=instance, partition_key=req.partition_key, tags=tags, raise_on_error=raise_on_error
+        )
         report.results.append(run)
         if req.partition_key:
             (report.studies if run.success else report.failed).append(req.partition_key)
@@ -56,6 +63,7 @@ def run_inbox_cycle(defs: dg.Definitions, instance: dg.DagsterInstance, cursor: 
                 report.files_quarantined += int(md["files_quarantined"].value)
     if rebuild_tables:
         for name in ("lake_tables_job", "psqa_tables_job"):
-            report.results.append(defs.resolve_job_def(name).execute_in_process(
-                instance=instance, raise_on_error=raise_on_error))
+            report.results.append(
+                defs.resolve_job_def(name).execute_in_process(instance=instance, raise_on_error=raise_on_error)
+            )
     return report

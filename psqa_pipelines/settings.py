@@ -61,21 +61,37 @@ PSQA_LAKE_DIR = EnvSetting("PSQA_LAKE_DIR", "$PSQA_HOME/lake", "the lake (tables
 PSQA_INBOX_DIR = EnvSetting("PSQA_INBOX_DIR", "$PSQA_HOME/inbox", "landing folder watched by the sensor")
 PSQA_QUARANTINE_DIR = EnvSetting("PSQA_QUARANTINE_DIR", "$PSQA_HOME/quarantine", "rejected files")
 PSQA_OPENKBP_DIR = EnvSetting(
-    "PSQA_OPENKBP_DIR", "../shared/datasets/openkbp/train-pats beside the checkout, if present",
-    "OpenKBP patient folders (read-only source); empty = off", empty_is_unset=False)
+    "PSQA_OPENKBP_DIR",
+    "../shared/datasets/openkbp/train-pats beside the checkout, if present",
+    "OpenKBP patient folders (read-only source); empty = off",
+    empty_is_unset=False,
+)
 PSQA_DEID_SECRET = EnvSetting("PSQA_DEID_SECRET", "", "HMAC key of the pseudonyms; unset = the documented dev secret")
-MLFLOW_TRACKING_URI = EnvSetting("MLFLOW_TRACKING_URI", "sqlite:///$PSQA_HOME/mlflow/mlflow.db",
-                                 "MLflow tracking (and registry) store")
+MLFLOW_TRACKING_URI = EnvSetting(
+    "MLFLOW_TRACKING_URI", "sqlite:///$PSQA_HOME/mlflow/mlflow.db", "MLflow tracking (and registry) store"
+)
 DAGSTER_HOME = EnvSetting("DAGSTER_HOME", "$PSQA_HOME/dagster", "Dagster instance folder", empty_is_unset=False)
-PSQA_RETRAIN_CRON = EnvSetting("PSQA_RETRAIN_CRON", "0 2 * * 1", "cron of psqa_retrain_schedule (Monday 02:00)",
-                               empty_is_unset=False)
-PSQA_RETRAIN_MIN_NEW_PLANS = EnvSetting("PSQA_RETRAIN_MIN_NEW_PLANS", "20",
-                                        "new labelled plans needed before the schedule retrains BMMQA",
-                                        empty_is_unset=False)
+PSQA_RETRAIN_CRON = EnvSetting(
+    "PSQA_RETRAIN_CRON", "0 2 * * 1", "cron of psqa_retrain_schedule (Monday 02:00)", empty_is_unset=False
+)
+PSQA_RETRAIN_MIN_NEW_PLANS = EnvSetting(
+    "PSQA_RETRAIN_MIN_NEW_PLANS",
+    "20",
+    "new labelled plans needed before the schedule retrains BMMQA",
+    empty_is_unset=False,
+)
 
 ENV_SETTINGS: tuple[EnvSetting, ...] = (
-    PSQA_HOME, PSQA_LAKE_DIR, PSQA_INBOX_DIR, PSQA_QUARANTINE_DIR, PSQA_OPENKBP_DIR, PSQA_DEID_SECRET,
-    MLFLOW_TRACKING_URI, DAGSTER_HOME, PSQA_RETRAIN_CRON, PSQA_RETRAIN_MIN_NEW_PLANS,
+    PSQA_HOME,
+    PSQA_LAKE_DIR,
+    PSQA_INBOX_DIR,
+    PSQA_QUARANTINE_DIR,
+    PSQA_OPENKBP_DIR,
+    PSQA_DEID_SECRET,
+    MLFLOW_TRACKING_URI,
+    DAGSTER_HOME,
+    PSQA_RETRAIN_CRON,
+    PSQA_RETRAIN_MIN_NEW_PLANS,
 )
 
 

@@ -24,8 +24,10 @@ SMALL_STUDY = dict(matrix=64, pixel_spacing_mm=6.0, n_slices=32, slice_thickness
 def _isolated_environment(tmp_path_factory: pytest.TempPathFactory):
     """Never touch the checkout's .psqa or a user's MLflow server from tests."""
     home = tmp_path_factory.mktemp("psqa_home_default")
-    saved = {k: os.environ.get(k) for k in ("PSQA_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI",
-                                            "PSQA_OPENKBP_DIR", "PSQA_DEID_SECRET")}
+    saved = {
+        k: os.environ.get(k)
+        for k in ("PSQA_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI", "PSQA_OPENKBP_DIR", "PSQA_DEID_SECRET")
+    }
     os.environ["PSQA_HOME"] = str(home)
     os.environ["PSQA_OPENKBP_DIR"] = ""
     os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -55,8 +57,9 @@ def mlflow_store(tmp_path_factory: pytest.TempPathFactory):
     from psqa_pipelines.resources import MlflowResource
 
     root = tmp_path_factory.mktemp("mlflow")
-    res = MlflowResource(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", artifact_root=str(root / "artifacts"),
-                         experiment="psqa-tests")
+    res = MlflowResource(
+        tracking_uri=f"sqlite:///{root / 'mlflow.db'}", artifact_root=str(root / "artifacts"), experiment="psqa-tests"
+    )
     res.ensure_store()
     return res
 

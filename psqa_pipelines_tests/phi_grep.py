@@ -52,7 +52,9 @@ def _texts(path: Path):
             pass
 
 
-def find_phi(root: str | Path, needles: list[str], exclude: tuple[str, ...] = ("inbox", "quarantine")) -> list[tuple[str, str]]:
+def find_phi(
+    root: str | Path, needles: list[str], exclude: tuple[str, ...] = ("inbox", "quarantine")
+) -> list[tuple[str, str]]:
     """(relative path, needle) for every planted string found under ``root``.
 
     Matching is case-insensitive; file *names* are searched too.

@@ -12,15 +12,34 @@ from psqa_pipelines_tests.conftest import REPO
 
 
 def _run(args, env=None, timeout=300):
-    out = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, **(env or {})})
+    out = subprocess.run(
+        args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     return out.stdout
 
 
 def test_ml_sample_data_cli(tmp_path):
-    out = _run([sys.executable, "-m", "ml", "sample-data", "--out", str(tmp_path), "--studies", "1",
-                "--matrix", "48", "--pixel-spacing", "8", "--slices", "24", "--slice-thickness", "8"])
+    out = _run(
+        [
+            sys.executable,
+            "-m",
+            "ml",
+            "sample-data",
+            "--out",
+            str(tmp_path),
+            "--studies",
+            "1",
+            "--matrix",
+            "48",
+            "--pixel-spacing",
+            "8",
+            "--slices",
+            "24",
+            "--slice-thickness",
+            "8",
+        ]
+    )
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["studies"] == 1 and summary["files"] == 26
     files = sorted(tmp_path.rglob("*.dcm"))
@@ -30,8 +49,10 @@ def test_ml_sample_data_cli(tmp_path):
 
 def test_psqa_init_creates_layout_and_a_valid_instance(tmp_path):
     home = tmp_path / "home"
-    _run([sys.executable, "-m", "psqa_pipelines.cli", "--home", str(home), "init"],
-         env={"DAGSTER_HOME": str(home / "dagster")})
+    _run(
+        [sys.executable, "-m", "psqa_pipelines.cli", "--home", str(home), "init"],
+        env={"DAGSTER_HOME": str(home / "dagster")},
+    )
     for sub in ("lake/tables", "inbox", "quarantine", "mlflow/mlflow.db", "dagster/dagster.yaml"):
         assert (home / sub).exists(), sub
     with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:

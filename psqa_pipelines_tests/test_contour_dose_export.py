@@ -72,8 +72,11 @@ def _feet_first(src: list[Path], dst: Path) -> list[Path]:
         arr = ds.pixel_array[:, ::-1]
         cols, ps = int(ds.Columns), float(ds.PixelSpacing[1])
         ipp = [float(v) for v in ds.ImagePositionPatient]
-        ds.ImagePositionPatient = [f"{ipp[0] + (cols - 1) * ps:.4f}", str(ds.ImagePositionPatient[1]),
-                                   str(ds.ImagePositionPatient[2])]
+        ds.ImagePositionPatient = [
+            f"{ipp[0] + (cols - 1) * ps:.4f}",
+            str(ds.ImagePositionPatient[1]),
+            str(ds.ImagePositionPatient[2]),
+        ]
         ds.ImageOrientationPatient = ["-1", "0", "0", "0", "1", "0"]
         ds.PatientPosition = "FFS"
         ds.PixelData = np.ascontiguousarray(arr).astype("<i2").tobytes()
@@ -85,8 +88,14 @@ def _feet_first(src: list[Path], dst: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory):
-    return generate_hn_study(tmp_path_factory.mktemp("export_study"), seed=3, matrix=96, pixel_spacing_mm=2.5,
-                             n_slices=32, slice_thickness_mm=3.0)
+    return generate_hn_study(
+        tmp_path_factory.mktemp("export_study"),
+        seed=3,
+        matrix=96,
+        pixel_spacing_mm=2.5,
+        n_slices=32,
+        slice_thickness_mm=3.0,
+    )
 
 
 @pytest.fixture(scope="module", params=["HFS", "FFS"])
@@ -103,8 +112,9 @@ def case(request, study, tmp_path_factory: pytest.TempPathFactory) -> Case:
     masks = rasterize_rtstruct(pydicom.dcmread(study.rtstruct_file), ct)
     assert set(masks) == set(study.roi_names)
     rd = pydicom.dcmread(study.rtdose_file)
-    dose = resample_to(to_canonical(read_dose(rd, study.rtdose_file)), ct, interpolation="linear",
-                       default_value=0.0, dtype=np.float32)
+    dose = resample_to(
+        to_canonical(read_dose(rd, study.rtdose_file)), ct, interpolation="linear", default_value=0.0, dtype=np.float32
+    )
     # a coarser "model grid" covering the CT
     extent = np.asarray(ct.shape_xyz) * np.asarray(ct.spacing)
     shape_xyz = np.ceil(extent / np.asarray(MODEL_SPACING)).astype(int)
@@ -118,8 +128,9 @@ def case(request, study, tmp_path_factory: pytest.TempPathFactory) -> Case:
 
 def _dose_on_ct(path: Path, ct: Volume) -> np.ndarray:
     ds = pydicom.dcmread(path)
-    return resample_to(to_canonical(read_dose(ds, path)), ct, interpolation="linear", default_value=0.0,
-                       dtype=np.float32).array
+    return resample_to(
+        to_canonical(read_dose(ds, path)), ct, interpolation="linear", default_value=0.0, dtype=np.float32
+    ).array
 
 
 def _some_ct(case: Case) -> pydicom.Dataset:
@@ -139,8 +150,15 @@ def test_rtdose_roundtrip(case: Case, tmp_path: Path) -> None:
     ds = pydicom.dcmread(path)
     ct = _some_ct(case)
     assert ds.SOPClassUID == pydicom.uid.RTDoseStorage and ds.Modality == "RTDOSE"
-    for tag in ("PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID", "StudyID",
-                "AccessionNumber", "FrameOfReferenceUID"):
+    for tag in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "StudyInstanceUID",
+        "StudyID",
+        "AccessionNumber",
+        "FrameOfReferenceUID",
+    ):
         assert ds[tag].value == ct[tag].value, tag
     assert ds.SeriesInstanceUID != ct.SeriesInstanceUID and ds.SOPInstanceUID not in case.headers
     assert (ds.DoseUnits, ds.DoseType, ds.DoseSummationType) == ("GY", "PHYSICAL", "PLAN")
@@ -155,15 +173,24 @@ def test_rtdose_roundtrip(case: Case, tmp_path: Path) -> None:
     iop = np.asarray(ds.ImageOrientationPatient, float)
     normal = np.cross(iop[:3], iop[3:])
     frames = np.asarray(ds.ImagePositionPatient, float) + np.outer(np.asarray(ds.GridFrameOffsetVector, float), normal)
-    ct_ipp = sorted((np.asarray(h.ImagePositionPatient, float) for h in case.headers.values()),
-                    key=lambda v: float(v @ normal))
+    ct_ipp = sorted(
+        (np.asarray(h.ImagePositionPatient, float) for h in case.headers.values()), key=lambda v: float(v @ normal)
+    )
     assert int(ds.NumberOfFrames) == len(case.headers) and float(ds.GridFrameOffsetVector[0]) == 0.0
     np.testing.assert_allclose(frames, np.asarray(ct_ipp), atol=1e-3)
 
 
 def test_rtdose_cropped_uint16(case: Case, tmp_path: Path) -> None:
-    path = export_rtdose(case.model_dose, case.ct_files, tmp_path / "RD16.dcm", bits=16, crop_to_dose=True,
-                         model_version="ctan-seed002", referenced_plan_uid="1.2.3.4", description="CTAN seed 002")
+    path = export_rtdose(
+        case.model_dose,
+        case.ct_files,
+        tmp_path / "RD16.dcm",
+        bits=16,
+        crop_to_dose=True,
+        model_version="ctan-seed002",
+        referenced_plan_uid="1.2.3.4",
+        description="CTAN seed 002",
+    )
     ds = pydicom.dcmread(path)
     assert ds.BitsAllocated == 16 and ds.Rows * ds.Columns * int(ds.NumberOfFrames) < 96 * 96 * 32
     assert list(ds.SoftwareVersions) == ["psqa_pipelines", "ctan-seed002"]
@@ -256,8 +283,9 @@ def test_empty_mask_is_skipped(case: Case, tmp_path: Path) -> None:
     assert [r.ROIName for r in ds.StructureSetROISequence] == ["Box"]
     assert set(rasterize_rtstruct(ds, case.ct)) == {"Box"}
 
-    kept = export_rtstruct({"Box": box, "Empty": empty}, case.ct, case.ct_files, tmp_path / "RS_keep.dcm",
-                           keep_empty=True)
+    kept = export_rtstruct(
+        {"Box": box, "Empty": empty}, case.ct, case.ct_files, tmp_path / "RS_keep.dcm", keep_empty=True
+    )
     ds = pydicom.dcmread(kept.path)
     assert kept.rois == ["Box", "Empty"] and kept.n_contours["Empty"] == 0
     assert "ContourSequence" not in ds.ROIContourSequence[1]
@@ -281,17 +309,58 @@ def test_mask_grid_must_match_ct_slices(case: Case, tmp_path: Path) -> None:
 
 # -- validity, study export, full ingest --------------------------------------------------------
 _REQUIRED = {  # a basic subset of the Type 1/2 attributes of the two IODs
-    "common": ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
-               "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-               "ReferringPhysicianName", "StudyID", "AccessionNumber", "SeriesNumber", "Manufacturer",
-               "OperatorsName"),
-    "RTDOSE": ("FrameOfReferenceUID", "PositionReferenceIndicator", "ImagePositionPatient",
-               "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "SamplesPerPixel",
-               "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
-               "PixelRepresentation", "NumberOfFrames", "FrameIncrementPointer", "GridFrameOffsetVector",
-               "DoseUnits", "DoseType", "DoseSummationType", "DoseGridScaling", "PixelData"),
-    "RTSTRUCT": ("StructureSetLabel", "StructureSetDate", "StructureSetTime", "ReferencedFrameOfReferenceSequence",
-                 "StructureSetROISequence", "ROIContourSequence", "RTROIObservationsSequence"),
+    "common": (
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "Modality",
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDate",
+        "StudyTime",
+        "ReferringPhysicianName",
+        "StudyID",
+        "AccessionNumber",
+        "SeriesNumber",
+        "Manufacturer",
+        "OperatorsName",
+    ),
+    "RTDOSE": (
+        "FrameOfReferenceUID",
+        "PositionReferenceIndicator",
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "PixelSpacing",
+        "SliceThickness",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "NumberOfFrames",
+        "FrameIncrementPointer",
+        "GridFrameOffsetVector",
+        "DoseUnits",
+        "DoseType",
+        "DoseSummationType",
+        "DoseGridScaling",
+        "PixelData",
+    ),
+    "RTSTRUCT": (
+        "StructureSetLabel",
+        "StructureSetDate",
+        "StructureSetTime",
+        "ReferencedFrameOfReferenceSequence",
+        "StructureSetROISequence",
+        "ROIContourSequence",
+        "RTROIObservationsSequence",
+    ),
 }
 
 
@@ -321,8 +390,9 @@ def test_exports_are_valid_dicom(case: Case, tmp_path: Path, monkeypatch: pytest
 def test_export_study(case: Case, tmp_path: Path) -> None:
     masks = {n: case.masks[n] for n in ("BODY", "PTV70", "Parotid_L")}
     masks["Nothing"] = np.zeros_like(masks["BODY"])
-    paths = export_study(tmp_path / "out", case.ct, case.ct_files, dose=case.model_dose, masks=masks,
-                         model_version="v1", when=WHEN)
+    paths = export_study(
+        tmp_path / "out", case.ct, case.ct_files, dose=case.model_dose, masks=masks, model_version="v1", when=WHEN
+    )
     assert set(paths) == {"rtdose", "rtstruct", "dose_nifti", "labels_nifti", "labels_json"}
     assert all(p.is_file() and p.parent == tmp_path / "out" for p in paths.values())
     rd, rs = pydicom.dcmread(paths["rtdose"]), pydicom.dcmread(paths["rtstruct"])
@@ -365,7 +435,7 @@ def test_full_ingest_roundtrip(case: Case, tmp_path: Path) -> None:
     p = Pseudonymizer("export-test-secret")
     scan = scan_landing_folder(land, p, use_cache=False)
     assert len(scan.studies) == 1 and not scan.unattributed
-    (key, group), = scan.studies.items()
+    ((key, group),) = scan.studies.items()
     lake = tmp_path / "lake"
     res = ingest_study(group, lake, Quarantine(tmp_path / "quarantine"), p, move_bad=False)
     assert res.quarantined == [] and sorted(res.series["modality"]) == ["CT", "RTDOSE", "RTSTRUCT"]

@@ -79,7 +79,8 @@ def test_train_contour_dose_end_to_end(tmp_path, make_defs, instance, mlflow_sto
     assert np.isfinite(scores.loc[dose_models, "dvh_score"]).all()
     assert scores.loc[["contour-only", "multi-automated", "product"], "mean_dice"].between(0, 1).all()
     mat = instance.get_latest_materialization_event(
-        __import__("dagster").AssetKey("contour_dose_evaluation")).asset_materialization
+        __import__("dagster").AssetKey("contour_dose_evaluation")
+    ).asset_materialization
     assert "Average" in mat.metadata["dvh_mae_table"].value and "HD95" in mat.metadata["contour_table"].value
     evaluated = client.get_run(scores.loc["multi-automated", "evaluation_run_id"])
     assert "test_dose_score" in evaluated.data.metrics
@@ -94,8 +95,17 @@ def test_train_contour_dose_end_to_end(tmp_path, make_defs, instance, mlflow_sto
     files = pd.read_parquet(storage.tables / "file_index.parquet")
     ct_stored = files[(files["study_key"] == new_case) & (files["modality"] == "CT")]["stored_path"]
     ct0 = pydicom.dcmread(storage.lake / ct_stored.iloc[0], stop_before_pixels=True)
-    assert rd.FrameOfReferenceUID == ct0.FrameOfReferenceUID == rs.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID
+    assert (
+        rd.FrameOfReferenceUID
+        == ct0.FrameOfReferenceUID
+        == rs.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID
+    )
     assert rd.Modality == "RTDOSE" and rd.DoseUnits == "GY" and rs.Modality == "RTSTRUCT"
-    referenced = {c.ReferencedSOPInstanceUID for c in rs.ReferencedFrameOfReferenceSequence[0]
-                  .RTReferencedStudySequence[0].RTReferencedSeriesSequence[0].ContourImageSequence}
+    referenced = {
+        c.ReferencedSOPInstanceUID
+        for c in rs.ReferencedFrameOfReferenceSequence[0]
+        .RTReferencedStudySequence[0]
+        .RTReferencedSeriesSequence[0]
+        .ContourImageSequence
+    }
     assert ct0.SOPInstanceUID in referenced

@@ -105,7 +105,8 @@ def test_ml_core_imports_with_only_gpu_node_packages():
     reader must not pull pydicom, nibabel, SimpleITK or matplotlib at import time."""
     code = (
         "import sys, ml, ml.cli, ml.data.openkbp, ml.data.volume, ml.utils.io\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'pydicom', 'nibabel', 'SimpleITK', 'matplotlib'})\n"
+        "banned = {'pydicom', 'nibabel', 'SimpleITK', 'matplotlib'}\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in banned)\n"
         "print(heavy); sys.exit(1 if heavy else 0)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -113,7 +114,18 @@ def test_ml_core_imports_with_only_gpu_node_packages():
 
 
 def test_required_layout_exists():
-    for name in ("psqa_pipelines", "psqa_pipelines_tests", "ml", "workspace.yaml", "pyproject.toml", "setup.py",
-                 "README.md", "Makefile", ".ci/run", "benchmarks", "constraints.txt"):
+    for name in (
+        "psqa_pipelines",
+        "psqa_pipelines_tests",
+        "ml",
+        "workspace.yaml",
+        "pyproject.toml",
+        "setup.py",
+        "README.md",
+        "Makefile",
+        ".ci/run",
+        "benchmarks",
+        "constraints.txt",
+    ):
         assert (REPO / name).exists(), name
     assert Path(REPO / "psqa_pipelines" / "instance" / "dagster.yaml").exists()

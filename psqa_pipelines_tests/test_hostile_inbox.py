@@ -150,9 +150,19 @@ def test_hostile_inbox_accounts_for_every_file(storage, make_defs, instance, hos
         folder = storage.quarantine / row["quarantine_ref"]
         assert (folder / "record.json").exists()
         assert any(p.name != "record.json" for p in folder.iterdir())
-    expected = {"not_dicom", "unsupported_sop_class", "missing_required_tags", "truncated", "inconsistent_series",
-                "dangling_reference", "duplicate_file", "duplicate_sop_instance", "burned_in_annotation",
-                "unrecognised_sequence", "incomplete_patient"}
+    expected = {
+        "not_dicom",
+        "unsupported_sop_class",
+        "missing_required_tags",
+        "truncated",
+        "inconsistent_series",
+        "dangling_reference",
+        "duplicate_file",
+        "duplicate_sop_instance",
+        "burned_in_annotation",
+        "unrecognised_sequence",
+        "incomplete_patient",
+    }
     assert expected <= set(q["reason"]), expected - set(q["reason"])
     # no reason detail quotes a file path or value
     assert not q["detail"].str.contains("/").any()

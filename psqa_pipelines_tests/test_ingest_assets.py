@@ -15,8 +15,11 @@ from psqa_pipelines_tests.conftest import copy_into
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_study_ingest_and_preprocess(storage, make_defs, instance, sample_cohort):
@@ -54,8 +57,16 @@ def test_study_ingest_and_preprocess(storage, make_defs, instance, sample_cohort
         assert np.array_equal(ct.array, truth.hu)
         assert np.allclose(ct.origin, truth.ct_origin) and np.allclose(ct.spacing, truth.ct_spacing)
         masks = m[m["kind"] == "mask"]
-        assert set(masks["name"]) == {"Body", "PTV70", "PTV56", "Brainstem", "SpinalCord", "LeftParotid",
-                                      "RightParotid", "Mandible"}
+        assert set(masks["name"]) == {
+            "Body",
+            "PTV70",
+            "PTV56",
+            "Brainstem",
+            "SpinalCord",
+            "LeftParotid",
+            "RightParotid",
+            "Mandible",
+        }
         assert masks["grid_id"].nunique() == 1 and masks["grid_id"].iloc[0] == m[m["kind"] == "ct"]["grid_id"].iloc[0]
         ptv = read_nifti(storage.lake / masks[masks["name"] == "PTV70"]["path"].iloc[0]).array.astype(bool)
         assert np.array_equal(ptv, truth.masks["PTV70"])
@@ -74,8 +85,12 @@ def test_stored_dicom_copies_are_deidentified_and_linked(storage, make_defs, ins
     ct_uids = set(files.loc[files["modality"] == "CT", "sop_instance_uid"])
     for rel in files.loc[files["modality"] == "RTSTRUCT", "stored_path"]:
         ds = pydicom.dcmread(storage.lake / rel)
-        refs = {c.ReferencedSOPInstanceUID for roi in ds.ROIContourSequence for cs in roi.ContourSequence
-                for c in cs.ContourImageSequence}
+        refs = {
+            c.ReferencedSOPInstanceUID
+            for roi in ds.ROIContourSequence
+            for cs in roi.ContourSequence
+            for c in cs.ContourImageSequence
+        }
         assert refs and refs <= ct_uids
         assert str(ds.PatientIdentityRemoved) == "YES"
     originals = {t.study_instance_uid for t in truths} | {t.ct_series_uid for t in truths}

@@ -40,7 +40,10 @@ def test_training_like_asset_logs_lineage_and_registers_model(tmp_path, mlflow_s
         mlflow.log_metrics(run_id, {"val_mae": 1.5}, step=1)
         digest = mlflow.log_parquet_dataset(run_id, table, parquet, name="plan_features", targets="gpr")
         info = mlflow.log_model(
-            run_id, model, name="model", class_path="psqa_pipelines_tests.tiny_models:TwoInputNet",
+            run_id,
+            model,
+            name="model",
+            class_path="psqa_pipelines_tests.tiny_models:TwoInputNet",
             kwargs={"n_tab": 3, "hidden": 8},
             input_specs={"image": ("float32", (-1, 1, 16, 16)), "table": ("float32", (-1, 3))},
             output_specs={"gpr": ("float32", (-1,)), "dd_map": ("float32", (-1, 1, 16, 16))},
@@ -48,10 +51,14 @@ def test_training_like_asset_logs_lineage_and_registers_model(tmp_path, mlflow_s
         )
         mlflow.set_alias("tiny-test-model", "champion", info.registered_model_version)
         mlflow.end_run(run_id)
-        return dg.MaterializeResult(metadata={
-            "mlflow_run_id": run_id, "mlflow_run_url": dg.MetadataValue.url(mlflow.run_url(run_id)),
-            "model_version": str(info.registered_model_version), "dataset_digest": digest,
-        })
+        return dg.MaterializeResult(
+            metadata={
+                "mlflow_run_id": run_id,
+                "mlflow_run_url": dg.MetadataValue.url(mlflow.run_url(run_id)),
+                "model_version": str(info.registered_model_version),
+                "dataset_digest": digest,
+            }
+        )
 
     with dg.instance_for_test() as instance:
         result = dg.materialize([tiny_training], resources={"mlflow": mlflow_store}, instance=instance)
@@ -79,7 +86,10 @@ def test_training_like_asset_logs_lineage_and_registers_model(tmp_path, mlflow_s
     sig = loaded.metadata.signature
     assert [s.name for s in sig.inputs.inputs] == ["image", "table"]
     rng = np.random.default_rng(0)
-    x = {"image": rng.normal(size=(2, 1, 16, 16)).astype(np.float32), "table": rng.normal(size=(2, 3)).astype(np.float32)}
+    x = {
+        "image": rng.normal(size=(2, 1, 16, 16)).astype(np.float32),
+        "table": rng.normal(size=(2, 3)).astype(np.float32),
+    }
     out = loaded.predict(x)
     torch.manual_seed(0)
     ref = TwoInputNet()

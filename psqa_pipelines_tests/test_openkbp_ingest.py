@@ -47,7 +47,7 @@ def test_two_real_patients_and_an_incomplete_one(tmp_path, make_defs, instance):
         # dose volume, mapped back to OpenKBP axes, equals the source CSV exactly
         dose = from_canonical_array(read_nifti(storage.lake / m.loc["PLAN", "path"]).array)
         idx, val = read_sparse(files["dose"])
-        ref = np.zeros(128 ** 3, np.float32)
+        ref = np.zeros(128**3, np.float32)
         ref[idx] = val
         assert np.array_equal(dose.reshape(-1), ref)
         ct = from_canonical_array(read_nifti(storage.lake / m.loc["CT", "path"]).array)

@@ -157,8 +157,14 @@ def test_score_patients_pools_dvh_errors_and_averages_dose_scores():
     ref_b = np.where(s_b["PTV70"], ref_b, 0.0)
     cases = [
         ScoringCase("A", ref_a, ref_a + 1.0, pdm, s_a, (4.0, 5.0, 2.0)),
-        dict(patient_id="B", reference=ref_b, prediction=ref_b + 4.0, possible_dose_mask=pdm, structures=s_b,
-             voxel_dimensions=(4.0, 5.0, 2.0)),
+        dict(
+            patient_id="B",
+            reference=ref_b,
+            prediction=ref_b + 4.0,
+            possible_dose_mask=pdm,
+            structures=s_b,
+            voxel_dimensions=(4.0, 5.0, 2.0),
+        ),
     ]
     per, summary = score_patients(cases)
     assert list(per.columns) == list(LONG_COLUMNS)
@@ -362,9 +368,11 @@ def test_hausdorff_of_offset_spheres_is_the_offset(axis, shift):
     h95 = hd95(a, b, sp)
     assert 0 < h95 <= hd
     assert hausdorff(a, b, sp, percentile=95, reduction="directed") == pytest.approx(
-        np.percentile(surface_distances(a, b, sp)[0], 95))
+        np.percentile(surface_distances(a, b, sp)[0], 95)
+    )
     assert hausdorff(a, b, sp, percentile=95, reduction="pooled") == pytest.approx(
-        np.percentile(np.concatenate(surface_distances(a, b, sp)), 95))
+        np.percentile(np.concatenate(surface_distances(a, b, sp)), 95)
+    )
 
 
 def test_hausdorff_empty_mask_conventions():
@@ -399,8 +407,9 @@ def test_hausdorff_matches_simpleitk_on_random_blobs(seed):
     centres = rng.uniform(0.3, 0.7, size=(k, 3)) * extent
     radii = rng.uniform(8.0, 20.0, size=(k, 3))
     a = _ellipsoid_blobs(shape, sp, centres, radii)
-    b = _ellipsoid_blobs(shape, sp, centres + rng.normal(0, 4.0, size=(k, 3)),
-                         radii * rng.uniform(0.8, 1.2, size=(k, 3)))
+    b = _ellipsoid_blobs(
+        shape, sp, centres + rng.normal(0, 4.0, size=(k, 3)), radii * rng.uniform(0.8, 1.2, size=(k, 3))
+    )
 
     def img(m):
         im = sitk.GetImageFromArray(m.astype(np.uint8))
@@ -444,9 +453,14 @@ TABLE3 = pd.DataFrame(
 
 def test_seed_dvh_rows_order():
     assert SEED_DVH_ROWS == [
-        ("Brainstem", "D_0.1_cc"), ("Brainstem", "mean"), ("SpinalCord", "D_0.1_cc"), ("SpinalCord", "mean"),
-        ("LeftParotid", "D_0.1_cc"), ("LeftParotid", "mean"),
-        ("RightParotid", "D_0.1_cc"), ("RightParotid", "mean"),
+        ("Brainstem", "D_0.1_cc"),
+        ("Brainstem", "mean"),
+        ("SpinalCord", "D_0.1_cc"),
+        ("SpinalCord", "mean"),
+        ("LeftParotid", "D_0.1_cc"),
+        ("LeftParotid", "mean"),
+        ("RightParotid", "D_0.1_cc"),
+        ("RightParotid", "mean"),
     ]
 
 
@@ -569,12 +583,14 @@ def test_contour_table_marks_significant_rois():
     assert t[("HD95", "significant")].tolist() == [True, False, False, False, False]
     # Bonferroni across the 4 ROIs of each metric
     w = {m: f.pivot(index="patient_id", columns="roi", values="dice") for m, f in frames.items()}
-    p = sps.ttest_rel(w["Multi-Automated"]["Brainstem"], w["DL-Baseline"]["Brainstem"],
-                      alternative="greater").pvalue
+    p = sps.ttest_rel(w["Multi-Automated"]["Brainstem"], w["DL-Baseline"]["Brainstem"], alternative="greater").pvalue
     assert t.loc["Brainstem", ("Dice", "p_bonferroni")] == pytest.approx(min(1.0, 4 * p), rel=1e-12)
     shown = format_contour_table(t)
     assert list(shown.columns) == [
-        "Dice DL-Baseline", "Dice Multi-Automated", "HD95 DL-Baseline", "HD95 Multi-Automated",
+        "Dice DL-Baseline",
+        "Dice Multi-Automated",
+        "HD95 DL-Baseline",
+        "HD95 Multi-Automated",
     ]
     assert shown.loc["Brainstem", "Dice Multi-Automated"].endswith("†")
     assert "†" not in shown.loc["SpinalCord", "HD95 Multi-Automated"]

@@ -55,14 +55,18 @@ def test_no_phi_anywhere_under_psqa_home(tmp_path):
         needles += t.phi.strings()
         for f in [*t.ct_files, t.rtstruct_file, t.rtdose_file]:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
-            needles += [str(ds.get(k)) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
-                                                 "FrameOfReferenceUID") if ds.get(k)]
+            needles += [
+                str(ds.get(k))
+                for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
+                if ds.get(k)
+            ]
     needles = sorted(set(needles))
     # the planted values really are in the input (a grep that finds nothing proves nothing)
     assert {n for _, n in find_phi(storage.inbox, needles, exclude=())} >= {n.lower() for n in NIFTI_PHI}
 
-    mlflow = MlflowResource(tracking_uri=f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
-                            artifact_root=str(home / "mlflow" / "artifacts"))
+    mlflow = MlflowResource(
+        tracking_uri=f"sqlite:///{home / 'mlflow' / 'mlflow.db'}", artifact_root=str(home / "mlflow" / "artifacts")
+    )
     defs = build_defs(build_resources(storage, mlflow=mlflow))
     (home / "dagster").mkdir(parents=True)
     with dg.DagsterInstance.local_temp(tempdir=str(home / "dagster")) as instance:
@@ -71,8 +75,12 @@ def test_no_phi_anywhere_under_psqa_home(tmp_path):
         assert report.files_quarantined == 1
         # MLflow gets lake tables too, as a training run would log them
         run_id = mlflow.start_run(run_name="phi-check", tags={"purpose": "test"})
-        mlflow.log_parquet_dataset(run_id, pd.read_parquet(storage.tables / "file_index.parquet"),
-                                   storage.tables / "file_index.parquet", name="file_index")
+        mlflow.log_parquet_dataset(
+            run_id,
+            pd.read_parquet(storage.tables / "file_index.parquet"),
+            storage.tables / "file_index.parquet",
+            name="file_index",
+        )
         mlflow.log_params(run_id, pd.read_parquet(storage.tables / "study_index.parquet").iloc[0].to_dict())
         mlflow.end_run(run_id)
 

@@ -15,8 +15,14 @@ import pytest
 from ml.psqa.train import VARIANTS
 
 ROUND1, ROUND2 = 20, 8
-TINY = {"epochs": 3, "batch_size": 8, "patience": 50, "warmup_epochs": 1, "enc_widths": [4, 8, 8, 8],
-        "dec_widths": [4, 4, 4, 4]}
+TINY = {
+    "epochs": 3,
+    "batch_size": 8,
+    "patience": 50,
+    "warmup_epochs": 1,
+    "enc_widths": [4, 8, 8, 8],
+    "dec_widths": [4, 4, 4, 4],
+}
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +55,12 @@ def test_psqa_two_rounds_lineage_and_champion(simulated, storage, tmp_path, monk
     from psqa_pipelines.resources import MlflowResource
     from psqa_pipelines.runner import run_inbox_cycle
 
-    (r1, s1), (r2, s2) = simulated
-    mlflow = MlflowResource(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-                            artifact_root=str(tmp_path / "artifacts"), experiment="psqa-e2e")
+    (r1, s1), (r2, _s2) = simulated
+    mlflow = MlflowResource(
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        artifact_root=str(tmp_path / "artifacts"),
+        experiment="psqa-e2e",
+    )
     mlflow.ensure_store()
     defs = build_defs(build_resources(storage, mlflow=mlflow))
     (tmp_path / "dagster").mkdir()
@@ -81,7 +90,8 @@ def test_psqa_two_rounds_lineage_and_champion(simulated, storage, tmp_path, monk
     assert isinstance(first, dg.RunRequest)  # nothing trained yet: every plan is new
 
     res = defs.resolve_job_def("train_psqa").execute_in_process(
-        instance=instance, run_config=_train_config(VARIANTS), raise_on_error=True)
+        instance=instance, run_config=_train_config(VARIANTS), raise_on_error=True
+    )
     assert res.success
     bm1 = res.output_for_node("psqa_model_bmmqa").iloc[0]
     assert bm1["model_version"] == "1" and bm1["n_plans"] == ROUND1
@@ -117,7 +127,8 @@ def test_psqa_two_rounds_lineage_and_champion(simulated, storage, tmp_path, monk
     req = psqa_retrain_schedule(dg.build_schedule_context(instance=instance))
     assert isinstance(req, dg.RunRequest) and req.tags["psqa/new_plans"] == str(ROUND2)
     res2 = defs.resolve_job_def("retrain_bmmqa").execute_in_process(
-        instance=instance, run_config=_train_config(["bmmqa"]), tags=req.tags, raise_on_error=False)
+        instance=instance, run_config=_train_config(["bmmqa"]), tags=req.tags, raise_on_error=False
+    )
     split2 = pd.read_parquet(storage.tables / "psqa_split.parquet")
     assert len(split2) == ROUND1 + ROUND2
     kept = split2.set_index("plan_key").loc[split1["plan_key"], "split"]
@@ -133,9 +144,13 @@ def test_psqa_two_rounds_lineage_and_champion(simulated, storage, tmp_path, monk
     # ---- round 3: a challenger that cannot win (impossible margin) is blocked ------------------
     before = str(mlflow.get_version_by_alias(PSQA_MODEL_NAME, CHAMPION_ALIAS).version)
     res3 = defs.resolve_job_def("retrain_bmmqa").execute_in_process(
-        instance=instance, raise_on_error=False,
-        run_config={**_train_config(["bmmqa"]), **{"ops": {**_train_config(["bmmqa"])["ops"],
-                                                           "psqa_challenger_eval": {"config": {"margin_pp": 1000.0}}}}})
+        instance=instance,
+        raise_on_error=False,
+        run_config={
+            **_train_config(["bmmqa"]),
+            "ops": {**_train_config(["bmmqa"])["ops"], "psqa_challenger_eval": {"config": {"margin_pp": 1000.0}}},
+        },
+    )
     assert not res3.success
     checks = res3.get_asset_check_evaluations()
     assert [c.passed for c in checks if c.check_name == "challenger_beats_champion"] == [False]

@@ -17,8 +17,9 @@ from psqa_pipelines_tests.conftest import copy_into
 
 
 def _tick(instance, storage, cursor=None):
-    ctx = dg.build_sensor_context(instance=instance, cursor=cursor,
-                                  resources={"storage": storage, "deid": DeidentificationResource()})
+    ctx = dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources={"storage": storage, "deid": DeidentificationResource()}
+    )
     return inbox_sensor(ctx)
 
 

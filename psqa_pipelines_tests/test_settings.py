@@ -22,15 +22,19 @@ def _environment_reads(source: str, label: str) -> list[str]:
     for node in ast.walk(tree):
         where = f"{label}:{getattr(node, 'lineno', '?')}"
         if isinstance(node, ast.ImportFrom) and node.module == "os":
-            found += [f"{where} from os import {a.name}" for a in node.names
-                      if a.name in {"environ", "environb", "getenv", "getenvb"}]
+            found += [
+                f"{where} from os import {a.name}"
+                for a in node.names
+                if a.name in {"environ", "environb", "getenv", "getenvb"}
+            ]
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "os":
             if node.attr in {"getenv", "getenvb"}:
                 found.append(f"{where} os.{node.attr}")
             elif node.attr in {"environ", "environb"}:
                 parent = parents.get(node)
-                written = (isinstance(parent, ast.Subscript) and parent.value is node
-                           and isinstance(parent.ctx, ast.Store))
+                written = (
+                    isinstance(parent, ast.Subscript) and parent.value is node and isinstance(parent.ctx, ast.Store)
+                )
                 if not written:
                     found.append(f"{where} os.{node.attr} (read)")
         elif getattr(node, "attr", None) == "EnvVar" or getattr(node, "id", None) == "EnvVar":
@@ -41,18 +45,27 @@ def _environment_reads(source: str, label: str) -> list[str]:
 def test_only_settings_reads_the_environment():
     modules = sorted(PACKAGE.rglob("*.py"))
     assert len(modules) > 20  # the walk found the package
-    offenders = [hit for path in modules if path != PACKAGE / "settings.py"
-                 for hit in _environment_reads(path.read_text(), str(path.relative_to(REPO)))]
+    offenders = [
+        hit
+        for path in modules
+        if path != PACKAGE / "settings.py"
+        for hit in _environment_reads(path.read_text(), str(path.relative_to(REPO)))
+    ]
     assert not offenders, "read the environment through psqa_pipelines.settings:\n" + "\n".join(offenders)
 
 
 def test_the_check_tells_reads_from_writes():
     assert _environment_reads((PACKAGE / "settings.py").read_text(), "settings.py")  # it does read
     assert _environment_reads("import os\nos.environ['A'] = '1'\n", "write") == []
-    for code in ("import os\nx = os.environ.get('A')\n", "import os\nx = os.environ['A']\n",
-                 "import os\nx = dict(os.environ)\n", "import os\nos.environ.setdefault('A', '1')\n",
-                 "import os\nx = os.getenv('A')\n", "from os import environ\n",
-                 "import dagster as dg\nx = dg.EnvVar('A')\n"):
+    for code in (
+        "import os\nx = os.environ.get('A')\n",
+        "import os\nx = os.environ['A']\n",
+        "import os\nx = dict(os.environ)\n",
+        "import os\nos.environ.setdefault('A', '1')\n",
+        "import os\nx = os.getenv('A')\n",
+        "from os import environ\n",
+        "import dagster as dg\nx = dg.EnvVar('A')\n",
+    ):
         assert _environment_reads(code, "probe"), code
 
 

@@ -63,8 +63,15 @@ def tiny_train(data_dir, out_dir, cfg: dict, log=print, callbacks=None) -> dict:
     pd.DataFrame(history).to_csv(out / "history.csv", index=False)
     (out / "config.json").write_text(json.dumps({"model": {"n_tab": 3, "hidden": 8}, "train": cfg}))
     best = min(history, key=lambda h: h["val_loss"])
-    metrics = {"best_val_loss": best["val_loss"], "best_epoch": best["epoch"], "epochs_run": len(history),
-               "stopped_by": "epochs", "device_name": "cpu", "amp": "off", "samples_per_s": 1.0}
+    metrics = {
+        "best_val_loss": best["val_loss"],
+        "best_epoch": best["epoch"],
+        "epochs_run": len(history),
+        "stopped_by": "epochs",
+        "device_name": "cpu",
+        "amp": "off",
+        "samples_per_s": 1.0,
+    }
     (out / "metrics.json").write_text(json.dumps(metrics))
     return metrics
 
@@ -73,29 +80,50 @@ def tiny_spec(registered: str | None) -> TrainingAssetSpec:
     def model(run: TrainingRun) -> ModelToLog:
         net = TwoInputNet(**run.model_config["model"])
         net.load_state_dict(torch.load(run.model_dir / "model_best.pt"))
-        return ModelToLog(net, "psqa_pipelines_tests.tiny_models:TwoInputNet", run.model_config["model"],
-                          input_specs={"image": ("float32", (-1, 1, 8, 8)), "table": ("float32", (-1, 3))},
-                          output_specs={"gpr": ("float32", (-1,)), "dd_map": ("float32", (-1, 1, 8, 8))},
-                          metadata={"family": "tiny"})
+        return ModelToLog(
+            net,
+            "psqa_pipelines_tests.tiny_models:TwoInputNet",
+            run.model_config["model"],
+            input_specs={"image": ("float32", (-1, 1, 8, 8)), "table": ("float32", (-1, 3))},
+            output_specs={"gpr": ("float32", (-1,)), "dd_map": ("float32", (-1, 1, 8, 8))},
+            metadata={"family": "tiny"},
+        )
 
     def data(inputs) -> pd.Series:
         return inputs["tiny_data"].iloc[0]
 
     return TrainingAssetSpec(
-        name="tiny_model", variant="tiny", group_name="tiny_training", description="A tiny family.",
-        config_class=TinySettings, ins={"tiny_data": dg.AssetIn()}, output_columns=ROW_COLUMNS,
+        name="tiny_model",
+        variant="tiny",
+        group_name="tiny_training",
+        description="A tiny family.",
+        config_class=TinySettings,
+        ins={"tiny_data": dg.AssetIn()},
+        output_columns=ROW_COLUMNS,
         train=tiny_train,
-        train_config=lambda config, plan, inputs: {"epochs": config.epochs, "fail_after": config.fail_after,
-                                                   "pretend_resumed": config.pretend_resumed, "device": plan.device},
+        train_config=lambda config, plan, inputs: {
+            "epochs": config.epochs,
+            "fail_after": config.fail_after,
+            "pretend_resumed": config.pretend_resumed,
+            "device": plan.device,
+        },
         data_dir=lambda inputs: data(inputs)["data_dir"],
         model_subdir="tiny/tiny",
         monitor=lambda metrics: "best_val_loss",
         run_tags=lambda inputs: {"tiny/digest": data(inputs)["digest"]},
-        params=lambda run: {**{f"train.{k}": v for k, v in run.train_config.items()},
-                            "digest": data(run.inputs)["digest"]},
-        datasets=lambda run: [DatasetToLog(pd.read_parquet(Path(data(run.inputs)["data_dir"]) / "table.parquet"),
-                                           Path(data(run.inputs)["data_dir"]) / "table.parquet", "tiny-table",
-                                           "training", targets="y")],
+        params=lambda run: {
+            **{f"train.{k}": v for k, v in run.train_config.items()},
+            "digest": data(run.inputs)["digest"],
+        },
+        datasets=lambda run: [
+            DatasetToLog(
+                pd.read_parquet(Path(data(run.inputs)["data_dir"]) / "table.parquet"),
+                Path(data(run.inputs)["data_dir"]) / "table.parquet",
+                "tiny-table",
+                "training",
+                targets="y",
+            )
+        ],
         model=model,
         registered_model_name=registered,
         version_tags=lambda run: {"data_digest": data(run.inputs)["digest"]},
@@ -108,8 +136,9 @@ def tiny_spec(registered: str | None) -> TrainingAssetSpec:
 def tiny_data_asset(tmp_path):
     data_dir = tmp_path / "tiny_data"
     data_dir.mkdir()
-    pd.DataFrame({"a": [0.1, 0.5, 0.9, 0.3], "b": [1.0, 0.0, 1.0, 0.5], "c": [0.2, 0.2, 0.7, 0.1],
-                  "y": [0.5, 0.1, 0.9, 0.3]}).to_parquet(data_dir / "table.parquet")
+    pd.DataFrame(
+        {"a": [0.1, 0.5, 0.9, 0.3], "b": [1.0, 0.0, 1.0, 0.5], "c": [0.2, 0.2, 0.7, 0.1], "y": [0.5, 0.1, 0.9, 0.3]}
+    ).to_parquet(data_dir / "table.parquet")
 
     @dg.asset(name="tiny_data")
     def tiny_data() -> pd.DataFrame:
@@ -119,10 +148,19 @@ def tiny_data_asset(tmp_path):
 
 
 def _materialize(spec, data_asset, storage, mlflow_store, instance, **config):
-    resources = {"storage": storage, "compute": ComputeResource(device="cpu"), "mlflow": mlflow_store,
-                 "io_manager": LakeParquetIOManager(storage=storage)}
-    return dg.materialize([data_asset, training_asset(spec)], resources=resources, instance=instance,
-                          run_config={"ops": {"tiny_model": {"config": config}}}, raise_on_error=False)
+    resources = {
+        "storage": storage,
+        "compute": ComputeResource(device="cpu"),
+        "mlflow": mlflow_store,
+        "io_manager": LakeParquetIOManager(storage=storage),
+    }
+    return dg.materialize(
+        [data_asset, training_asset(spec)],
+        resources=resources,
+        instance=instance,
+        run_config={"ops": {"tiny_model": {"config": config}}},
+        raise_on_error=False,
+    )
 
 
 def test_a_spec_is_enough_for_a_new_family(tiny_data_asset, storage, mlflow_store, instance):
@@ -163,8 +201,9 @@ def test_a_spec_is_enough_for_a_new_family(tiny_data_asset, storage, mlflow_stor
 
 def test_unregistered_model_and_resumed_history(tiny_data_asset, storage, mlflow_store, instance):
     """Epochs run before a resume are not reported live: they come from history.csv, once."""
-    result = _materialize(tiny_spec(None), tiny_data_asset, storage, mlflow_store, instance, epochs=4,
-                          pretend_resumed=2)
+    result = _materialize(
+        tiny_spec(None), tiny_data_asset, storage, mlflow_store, instance, epochs=4, pretend_resumed=2
+    )
     assert result.success
     r = result.output_for_node("tiny_model").iloc[0]
     assert r["registered_model"] == "" and r["model_version"] == ""
@@ -175,8 +214,9 @@ def test_unregistered_model_and_resumed_history(tiny_data_asset, storage, mlflow
 
 
 def test_a_failing_training_ends_its_run_as_failed(tiny_data_asset, storage, mlflow_store, instance):
-    result = _materialize(tiny_spec("tiny-failing-model"), tiny_data_asset, storage, mlflow_store, instance,
-                          epochs=3, fail_after=1)
+    result = _materialize(
+        tiny_spec("tiny-failing-model"), tiny_data_asset, storage, mlflow_store, instance, epochs=3, fail_after=1
+    )
     assert not result.success
     client = mlflow_store.client()
     exp = client.get_experiment_by_name(mlflow_store.experiment)

@@ -28,8 +28,16 @@ pytestmark = [
     pytest.mark.ui,
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian chromium (apt-get install chromium)"),
 ]
-CHROME_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-               "--disable-sync", "--no-first-run", "--disable-quic", "--disable-dev-shm-usage"]
+CHROME_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+    "--disable-dev-shm-usage",
+]
 
 
 def _free_port() -> int:
@@ -39,8 +47,9 @@ def _free_port() -> int:
 
 
 def _gql(base: str, query: str) -> dict:
-    req = urllib.request.Request(f"{base}/graphql", data=json.dumps({"query": query}).encode(),
-                                 headers={"content-type": "application/json"})
+    req = urllib.request.Request(
+        f"{base}/graphql", data=json.dumps({"query": query}).encode(), headers={"content-type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.loads(resp.read())
 
@@ -60,12 +69,27 @@ def webserver(tmp_path):
     )
     generate_hn_cohort(home / "inbox" / "hn", 1, seed=3, **SMALL_STUDY)
     port = _free_port()
-    env = dict(os.environ, PSQA_HOME=str(home), DAGSTER_HOME=str(dagster_home), PSQA_OPENKBP_DIR="",
-               PYTHONUNBUFFERED="1")
-    log = open(tmp_path / "webserver.log", "w")
+    env = dict(
+        os.environ, PSQA_HOME=str(home), DAGSTER_HOME=str(dagster_home), PSQA_OPENKBP_DIR="", PYTHONUNBUFFERED="1"
+    )
+    log = open(tmp_path / "webserver.log", "w")  # noqa: SIM115 (handed to the server process, closed at teardown)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dagster_webserver", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1",
-         "-p", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "dagster_webserver",
+            "-w",
+            str(REPO / "workspace.yaml"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -92,8 +116,11 @@ def webserver(tmp_path):
 
 def test_groups_render_and_a_ui_launched_materialization_succeeds(webserver):
     base, home = webserver
-    entries = _gql(base, "{ workspaceOrError { ... on Workspace { locationEntries { name "
-                         "locationOrLoadError { __typename ... on PythonError { message } } } } } }")
+    entries = _gql(
+        base,
+        "{ workspaceOrError { ... on Workspace { locationEntries { name "
+        "locationOrLoadError { __typename ... on PythonError { message } } } } } }",
+    )
     loc = entries["data"]["workspaceOrError"]["locationEntries"][0]
     assert loc["locationOrLoadError"]["__typename"] == "RepositoryLocation", loc
 

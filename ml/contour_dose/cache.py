@@ -31,6 +31,28 @@ import pandas as pd
 
 from ml.data.roi_names import OARS, OPENKBP_ROIS, TARGETS
 
+__all__ = [
+    "BODY_HU",
+    "CACHE_VERSION",
+    "MODEL_INPLANE",
+    "MODEL_SPACING_XYZ",
+    "PRESCRIPTIONS",
+    "ROI_ORDER",
+    "Cache",
+    "CacheError",
+    "Entry",
+    "arrays_from_volumes",
+    "crop_box",
+    "entry_from_arrays",
+    "entry_from_openkbp",
+    "model_grid",
+    "openkbp_arrays",
+    "pack_arrays",
+    "pack_openkbp_dir",
+    "write_entry",
+    "write_index",
+]
+
 CACHE_VERSION = 1
 ROI_ORDER = OPENKBP_ROIS  # 7 OARs then PTV56, PTV63, PTV70
 PRESCRIPTIONS = {"PTV70": 70.0, "PTV63": 63.0, "PTV56": 56.0}
@@ -62,7 +84,7 @@ class Entry:
     def full(self, arr: np.ndarray, fill=0) -> np.ndarray:
         """Put a [n, H, W] array back into the full [Z, H, W] grid."""
         out = np.full(self.full_shape, fill, dtype=arr.dtype)
-        out[self.z0:self.z0 + self.n_slices] = arr
+        out[self.z0 : self.z0 + self.n_slices] = arr
         return out
 
 
@@ -82,11 +104,17 @@ def crop_box(ct_hu: np.ndarray, pdm: np.ndarray, masks: Iterable[np.ndarray], ma
 
 
 def _crop(arr: np.ndarray, box: np.ndarray) -> np.ndarray:
-    return arr[box[0, 0]:box[0, 1], box[1, 0]:box[1, 1], box[2, 0]:box[2, 1]]
+    return arr[box[0, 0] : box[0, 1], box[1, 0] : box[1, 1], box[2, 0] : box[2, 1]]
 
 
-def pack_arrays(patient_id: str, ct_hu: np.ndarray, pdm: np.ndarray, rois: dict[str, np.ndarray],
-                dose: np.ndarray | None, voxel_dimensions) -> dict[str, np.ndarray]:
+def pack_arrays(
+    patient_id: str,
+    ct_hu: np.ndarray,
+    pdm: np.ndarray,
+    rois: dict[str, np.ndarray],
+    dose: np.ndarray | None,
+    voxel_dimensions,
+) -> dict[str, np.ndarray]:
     """Canonical full arrays -> the stored arrays of one cache file."""
     if ct_hu.ndim != 3 or pdm.shape != ct_hu.shape:
         raise CacheError(f"{patient_id}: CT {ct_hu.shape} and pdm {pdm.shape} must be equal 3D shapes")
@@ -138,10 +166,17 @@ def entry_from_arrays(patient_id: str, z: dict[str, np.ndarray], full_inplane: b
         pdm = place(pdm, False, bool)
         stack = np.stack([place(s, False, bool) for s in stack]) if len(names) else stack
         dose = place(dose, 0.0, np.float32) if dose is not None else None
-    return Entry(patient_id=patient_id, ct=ct, rois={nm: stack[i] for i, nm in enumerate(names)}, pdm=pdm,
-                 dose=dose, z0=int(box[0, 0]), full_shape=full_shape,
-                 voxel_dimensions=tuple(float(v) for v in z["voxel_dimensions"]),
-                 meta={k: tuple(float(v) for v in z[k]) for k in ("grid_origin", "grid_spacing") if k in z})
+    return Entry(
+        patient_id=patient_id,
+        ct=ct,
+        rois={nm: stack[i] for i, nm in enumerate(names)},
+        pdm=pdm,
+        dose=dose,
+        z0=int(box[0, 0]),
+        full_shape=full_shape,
+        voxel_dimensions=tuple(float(v) for v in z["voxel_dimensions"]),
+        meta={k: tuple(float(v) for v in z[k]) for k in ("grid_origin", "grid_spacing") if k in z},
+    )
 
 
 MODEL_SPACING_XYZ = (3.906, 3.906, 2.5)  # the OpenKBP grid (mm)
@@ -161,13 +196,17 @@ def model_grid(ct, spacing_xyz=MODEL_SPACING_XYZ, inplane: int = MODEL_INPLANE):
     sp = np.asarray(ct.spacing, float)
     centre = np.asarray(ct.origin, float)[:2] + centre_ij * sp[:2]  # canonical: identity direction
     nz = max(int(np.floor((ct.array.shape[0] - 1) * sp[2] / spacing_xyz[2])) + 1, 1)
-    origin = (centre[0] - (inplane - 1) / 2 * spacing_xyz[0], centre[1] - (inplane - 1) / 2 * spacing_xyz[1],
-              float(ct.origin[2]))
+    origin = (
+        centre[0] - (inplane - 1) / 2 * spacing_xyz[0],
+        centre[1] - (inplane - 1) / 2 * spacing_xyz[1],
+        float(ct.origin[2]),
+    )
     return Volume(np.zeros((nz, inplane, inplane), np.uint8), spacing_xyz, origin)
 
 
-def arrays_from_volumes(patient_id: str, ct, masks: dict, dose=None, pdm=None,
-                        spacing_xyz=MODEL_SPACING_XYZ) -> tuple[dict[str, np.ndarray], object]:
+def arrays_from_volumes(
+    patient_id: str, ct, masks: dict, dose=None, pdm=None, spacing_xyz=MODEL_SPACING_XYZ
+) -> tuple[dict[str, np.ndarray], object]:
     """Canonical ``Volume`` objects from the preprocessed lake (DICOM or NIfTI studies) -> cache arrays
     on the model grid, and that grid (a ``Volume`` of zeros) for mapping predictions back.
 
@@ -210,24 +249,39 @@ def openkbp_arrays(patient_id: str, patient) -> dict[str, np.ndarray]:
 
     rois = {n: to_canonical_array(m) for n, m in patient.structures.items() if n in ROI_ORDER}
     dose = to_canonical_array(patient.dose) if patient.dose is not None else None
-    return pack_arrays(patient_id, to_canonical_array(patient.ct_hu), to_canonical_array(patient.possible_dose_mask),
-                       rois, dose, patient.voxel_dimensions)
+    return pack_arrays(
+        patient_id,
+        to_canonical_array(patient.ct_hu),
+        to_canonical_array(patient.possible_dose_mask),
+        rois,
+        dose,
+        patient.voxel_dimensions,
+    )
 
 
 # ---------------------------------------------------------------------------------------
 # the cache directory
 # ---------------------------------------------------------------------------------------
 def write_entry(cache_dir: str | os.PathLike, patient_id: str, arrays: dict[str, np.ndarray]) -> dict:
-    from ml.utils.io import save_npz_deterministic
-    from ml.utils.io import sha256_bytes
+    from ml.utils.io import save_npz_deterministic, sha256_bytes
 
     rel = f"patients/{patient_id}.npz"
     data = save_npz_deterministic(Path(cache_dir) / rel, arrays)
     box = arrays["box"]
-    return {"patient_id": patient_id, "file": rel, "sha256": sha256_bytes(data), "bytes": len(data),
-            "z0": int(box[0, 0]), "z1": int(box[0, 1]), "y0": int(box[1, 0]), "y1": int(box[1, 1]),
-            "x0": int(box[2, 0]), "x1": int(box[2, 1]), "rois": ",".join(str(s) for s in arrays["roi_names"]),
-            "has_dose": "dose" in arrays}
+    return {
+        "patient_id": patient_id,
+        "file": rel,
+        "sha256": sha256_bytes(data),
+        "bytes": len(data),
+        "z0": int(box[0, 0]),
+        "z1": int(box[0, 1]),
+        "y0": int(box[1, 0]),
+        "y1": int(box[1, 1]),
+        "x0": int(box[2, 0]),
+        "x1": int(box[2, 1]),
+        "rois": ",".join(str(s) for s in arrays["roi_names"]),
+        "has_dose": "dose" in arrays,
+    }
 
 
 def write_index(cache_dir: str | os.PathLike, rows: list[dict], **meta: object) -> pd.DataFrame:
@@ -235,18 +289,29 @@ def write_index(cache_dir: str | os.PathLike, rows: list[dict], **meta: object) 
 
     index = pd.DataFrame(rows).sort_values("patient_id", key=_natural_key).reset_index(drop=True)
     write_parquet_atomic(Path(cache_dir) / "index.parquet", index)
-    atomic_write_json(Path(cache_dir) / "meta.json", {
-        "version": CACHE_VERSION, "roi_order": list(ROI_ORDER), "oars": list(OARS), "targets": list(TARGETS),
-        "prescriptions": PRESCRIPTIONS, "n_patients": len(index), "bytes": int(index["bytes"].sum()), **meta})
+    atomic_write_json(
+        Path(cache_dir) / "meta.json",
+        {
+            "version": CACHE_VERSION,
+            "roi_order": list(ROI_ORDER),
+            "oars": list(OARS),
+            "targets": list(TARGETS),
+            "prescriptions": PRESCRIPTIONS,
+            "n_patients": len(index),
+            "bytes": int(index["bytes"].sum()),
+            **meta,
+        },
+    )
     return index
 
 
 def _natural_key(s: pd.Series) -> pd.Series:
-    return s.map(lambda v: (str(v).rstrip("0123456789"), int(str(v)[len(str(v).rstrip("0123456789")):] or -1)))
+    return s.map(lambda v: (str(v).rstrip("0123456789"), int(str(v)[len(str(v).rstrip("0123456789")) :] or -1)))
 
 
-def pack_openkbp_dir(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, require_dose: bool = True,
-                     log=print) -> tuple[pd.DataFrame, list[dict]]:
+def pack_openkbp_dir(
+    data_dir: str | os.PathLike, cache_dir: str | os.PathLike, require_dose: bool = True, log=print
+) -> tuple[pd.DataFrame, list[dict]]:
     """``python -m ml contour-dose pack``: every ``pt_N/`` folder under ``data_dir`` -> the cache.
 
     Incomplete or malformed patients are skipped and reported (returned as ``skipped`` rows),

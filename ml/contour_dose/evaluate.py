@@ -24,6 +24,17 @@ import pandas as pd
 from ml.contour_dose.cache import Cache, Entry
 from ml.contour_dose.variants import MODEL_NAMES, VARIANTS
 
+__all__ = [
+    "CONTOUR_VARIANTS",
+    "DOSE_VARIANTS",
+    "case_figure_png",
+    "dvh_png",
+    "evaluate",
+    "markdown_tables",
+    "ranked_cases",
+    "variants_needing",
+]
+
 DOSE_VARIANTS = ("dose-only", "seq-human", "seq-automated", "multi-automated", "product")
 CONTOUR_VARIANTS = ("contour-only", "multi-automated", "product")
 
@@ -59,17 +70,30 @@ def evaluate(predictions: pd.DataFrame, cache_dir: str | os.PathLike) -> dict:
             pred = _load_pred(r["path"])
             ref, pdm, rois = _reference(entry)
             if "dose" in pred:
-                cases.append({"patient_id": r["patient_id"], "reference": ref, "prediction": pred["dose"],
-                              "possible_dose_mask": pdm, "structures": rois,
-                              "voxel_dimensions": entry.voxel_dimensions})
+                cases.append(
+                    {
+                        "patient_id": r["patient_id"],
+                        "reference": ref,
+                        "prediction": pred["dose"],
+                        "possible_dose_mask": pdm,
+                        "structures": rois,
+                        "voxel_dimensions": entry.voxel_dimensions,
+                    }
+                )
             if "labels" in pred:
                 for i, name in enumerate(pred["rois"], start=1):
                     name = str(name)
                     if name not in rois:
                         continue
                     p = pred["labels"] == i
-                    crow.append({"patient_id": r["patient_id"], "roi": name, "dice": dice(p, rois[name]),
-                                 "hd95": hd95(p, rois[name], _spacing_zyx(entry))})
+                    crow.append(
+                        {
+                            "patient_id": r["patient_id"],
+                            "roi": name,
+                            "dice": dice(p, rois[name]),
+                            "hd95": hd95(p, rois[name], _spacing_zyx(entry)),
+                        }
+                    )
         row = {"variant": variant, "model": MODEL_NAMES[variant], "patients": len(grp)}
         if cases:
             long, summary = score_patients(cases)
@@ -80,13 +104,22 @@ def evaluate(predictions: pd.DataFrame, cache_dir: str | os.PathLike) -> dict:
         if crow:
             cdf = pd.DataFrame(crow)
             contour_rows[variant] = cdf
-            row.update({"mean_dice": float(cdf["dice"].mean()),
-                        "mean_hd95_mm": float(cdf["hd95"].replace(np.inf, np.nan).mean())})
+            row.update(
+                {
+                    "mean_dice": float(cdf["dice"].mean()),
+                    "mean_hd95_mm": float(cdf["hd95"].replace(np.inf, np.nan).mean()),
+                }
+            )
         scores.append(row)
-    result = {"scores": pd.DataFrame(scores), "dvh": dvh, "contours": contour_rows,
-              "per_patient": pd.DataFrame(per_patient)}
-    seed_models = {MODEL_NAMES[v]: dvh[v] for v in ("dose-only", "seq-human", "seq-automated", "multi-automated")
-                   if v in dvh}
+    result = {
+        "scores": pd.DataFrame(scores),
+        "dvh": dvh,
+        "contours": contour_rows,
+        "per_patient": pd.DataFrame(per_patient),
+    }
+    seed_models = {
+        MODEL_NAMES[v]: dvh[v] for v in ("dose-only", "seq-human", "seq-automated", "multi-automated") if v in dvh
+    }
     if "Baseline" in seed_models:
         result["dvh_table"] = stats.dvh_mae_table(seed_models, baseline="Baseline")
         if "Multi-Automated" in seed_models and "Seq-Automated" in seed_models:
@@ -94,7 +127,8 @@ def evaluate(predictions: pd.DataFrame, cache_dir: str | os.PathLike) -> dict:
     if "contour-only" in contour_rows and "multi-automated" in contour_rows:
         result["contour_table"] = stats.contour_table(
             {"DL-Baseline": contour_rows["contour-only"], "Multi-Automated": contour_rows["multi-automated"]},
-            models=("DL-Baseline", "Multi-Automated"))
+            models=("DL-Baseline", "Multi-Automated"),
+        )
     return result
 
 
@@ -108,8 +142,9 @@ def markdown_tables(res: dict) -> dict[str, str]:
 
     tables = {"scores.md": stats.to_markdown(res["scores"].set_index("model"), decimals=4)}
     if "dvh_table" in res:
-        tables["dvh_mae_table.md"] = stats.to_markdown(stats.format_dvh_table(res["dvh_table"], res.get("dvh_tests"),
-                                                                              marked="Multi-Automated"))
+        tables["dvh_mae_table.md"] = stats.to_markdown(
+            stats.format_dvh_table(res["dvh_table"], res.get("dvh_tests"), marked="Multi-Automated")
+        )
     if "dvh_tests" in res:
         tests = res["dvh_tests"].rename(columns={"mean_a": "MAE Multi-Automated", "mean_b": "MAE Seq-Automated"})
         for col in ("p", "p_bonferroni"):  # small p-values keep their magnitude
@@ -125,8 +160,11 @@ def ranked_cases(per_patient: pd.DataFrame, variant: str) -> dict[str, str]:
     d = per_patient[per_patient["variant"] == variant].sort_values("dose_score").reset_index(drop=True)
     if d.empty:
         return {}
-    return {"best": d.iloc[0]["patient_id"], "median": d.iloc[len(d) // 2]["patient_id"],
-            "worst": d.iloc[-1]["patient_id"]}
+    return {
+        "best": d.iloc[0]["patient_id"],
+        "median": d.iloc[len(d) // 2]["patient_id"],
+        "worst": d.iloc[-1]["patient_id"],
+    }
 
 
 def case_figure_png(entry: Entry, pred: dict[str, np.ndarray], title: str) -> bytes:
@@ -138,13 +176,15 @@ def case_figure_png(entry: Entry, pred: dict[str, np.ndarray], title: str) -> by
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ref, pdm, rois = _reference(entry)
+    ref, _pdm, rois = _reference(entry)
     ct = entry.full(entry.ct, -1024)
     z = int(np.argmax(ref.sum(axis=(1, 2)))) if ref.any() else ct.shape[0] // 2
     panels = [("CT", ct[z], "gray", (-400, 600)), ("reference dose (Gy)", ref[z], "jet", (0, 75))]
     if "dose" in pred:
-        panels += [("predicted dose (Gy)", pred["dose"][z], "jet", (0, 75)),
-                   ("error (Gy)", pred["dose"][z] - ref[z], "RdBu_r", (-15, 15))]
+        panels += [
+            ("predicted dose (Gy)", pred["dose"][z], "jet", (0, 75)),
+            ("error (Gy)", pred["dose"][z] - ref[z], "RdBu_r", (-15, 15)),
+        ]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.4))
     for ax, (name, img, cmap, (lo, hi)) in zip(axes, panels, strict=False):
         im = ax.imshow(img, cmap=cmap, vmin=lo, vmax=hi)
@@ -154,16 +194,20 @@ def case_figure_png(entry: Entry, pred: dict[str, np.ndarray], title: str) -> by
     ax = axes[-1]
     ax.imshow(ct[z], cmap="gray", vmin=-400, vmax=600)
     colors = plt.get_cmap("tab10")
-    for i, (name, m) in enumerate(sorted(rois.items())):
+    for i, (_name, m) in enumerate(sorted(rois.items())):
         if m[z].any():
             ax.contour(m[z], levels=[0.5], colors=[colors(i % 10)], linewidths=1.0)
     if "labels" in pred:
         for i, name in enumerate(pred["rois"], start=1):
             m = pred["labels"][z] == i
             if m.any():
-                ax.contour(m, levels=[0.5], colors=[colors(sorted(rois).index(str(name)) % 10
-                                                           if str(name) in rois else 9)],
-                           linewidths=1.0, linestyles="dashed")
+                ax.contour(
+                    m,
+                    levels=[0.5],
+                    colors=[colors(sorted(rois).index(str(name)) % 10 if str(name) in rois else 9)],
+                    linewidths=1.0,
+                    linestyles="dashed",
+                )
     ax.set_title("contours: reference solid, predicted dashed", fontsize=8)
     ax.axis("off")
     fig.suptitle(title, fontsize=10)
@@ -174,8 +218,12 @@ def case_figure_png(entry: Entry, pred: dict[str, np.ndarray], title: str) -> by
     return buf.getvalue()
 
 
-def dvh_png(entry: Entry, preds: dict[str, np.ndarray], title: str,
-            rois: tuple[str, ...] = ("Brainstem", "SpinalCord", "LeftParotid", "RightParotid", "PTV70")) -> bytes:
+def dvh_png(
+    entry: Entry,
+    preds: dict[str, np.ndarray],
+    title: str,
+    rois: tuple[str, ...] = ("Brainstem", "SpinalCord", "LeftParotid", "RightParotid", "PTV70"),
+) -> bytes:
     """Cumulative DVHs: reference (solid) vs each model's predicted dose (dashed) per ROI."""
     import io
 
@@ -195,8 +243,14 @@ def dvh_png(entry: Entry, preds: dict[str, np.ndarray], title: str,
         ax.plot(lv, vol, color=colors(i), lw=1.8, label=f"{name} (reference)")
         for j, (model, dose) in enumerate(preds.items()):
             lv, vol = dvh_curve(dose, masks[name])
-            ax.plot(lv, vol, color=colors(i), lw=1.0, ls=styles[j % len(styles)],
-                    label=f"{name} ({model})" if i == 0 else None)
+            ax.plot(
+                lv,
+                vol,
+                color=colors(i),
+                lw=1.0,
+                ls=styles[j % len(styles)],
+                label=f"{name} ({model})" if i == 0 else None,
+            )
     ax.set_xlabel("dose (Gy)")
     ax.set_ylabel("volume (%)")
     ax.set_title(title, fontsize=10)

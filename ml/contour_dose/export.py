@@ -69,13 +69,13 @@ __all__ = [
     "DISCLAIMER",
     "CtReference",
     "RtstructExport",
-    "read_ct_reference",
-    "mask_slice_polygons",
+    "export_nifti",
     "export_rtdose",
     "export_rtstruct",
-    "export_nifti",
     "export_study",
     "label_map",
+    "mask_slice_polygons",
+    "read_ct_reference",
 ]
 
 log = logging.getLogger(__name__)
@@ -87,17 +87,48 @@ _IMPLEMENTATION_VERSION = "PSQA_EXPORT_1"
 # copied from the reference CT when present (patient, general study, SOP common character set,
 # de-identification markers); the Type 2 ones are written empty when the CT lacks them
 _COPY_TAGS = (
-    "SpecificCharacterSet", "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate",
-    "PatientSex", "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
-    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+    "SpecificCharacterSet",
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
     "StudyDescription",
 )
-_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-          "ReferringPhysicianName", "StudyID", "AccessionNumber")
+_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 
 _PALETTE = (
-    (255, 0, 0), (0, 200, 0), (0, 128, 255), (255, 200, 0), (255, 0, 255), (0, 255, 255),
-    (255, 128, 0), (128, 0, 255), (0, 255, 128), (255, 128, 192), (160, 160, 255), (200, 200, 120),
+    (255, 0, 0),
+    (0, 200, 0),
+    (0, 128, 255),
+    (255, 200, 0),
+    (255, 0, 255),
+    (0, 255, 255),
+    (255, 128, 0),
+    (128, 0, 255),
+    (0, 255, 128),
+    (255, 128, 192),
+    (160, 160, 255),
+    (200, 200, 120),
 )
 
 
@@ -146,8 +177,17 @@ def read_ct_reference(paths: Sequence[str | os.PathLike]) -> CtReference:
     with quiet_pydicom():
         headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
     first = headers[0]
-    for tag in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID",
-                "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"):
+    for tag in (
+        "SOPInstanceUID",
+        "SeriesInstanceUID",
+        "StudyInstanceUID",
+        "FrameOfReferenceUID",
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "PixelSpacing",
+        "Rows",
+        "Columns",
+    ):
         missing = [p.name for p, h in zip(paths, headers, strict=True) if not h.get(tag)]
         if missing:
             raise ValueError(f"reference CT file(s) without {tag}: {missing[:3]}")
@@ -190,9 +230,18 @@ def read_ct_reference(paths: Sequence[str | os.PathLike]) -> CtReference:
     return CtReference(paths=paths, headers=headers, grid=grid, positions=pos)
 
 
-def _new_dataset(ref: CtReference, *, sop_class: str, modality: str, series_description: str,
-                 series_number: int, model_version: str | None, when: _dt.datetime | None,
-                 sop_instance_uid: str | None, series_instance_uid: str | None):
+def _new_dataset(
+    ref: CtReference,
+    *,
+    sop_class: str,
+    modality: str,
+    series_description: str,
+    series_number: int,
+    model_version: str | None,
+    when: _dt.datetime | None,
+    sop_instance_uid: str | None,
+    series_instance_uid: str | None,
+):
     from pydicom.dataset import Dataset
     from pydicom.uid import generate_uid
 
@@ -269,8 +318,9 @@ def export_rtdose(
     from pydicom.dataset import Dataset
 
     ref = read_ct_reference(reference_ct_paths)
-    src = Volume(np.nan_to_num(np.asarray(dose.array, dtype=np.float32), nan=0.0), dose.spacing, dose.origin,
-                 dose.direction)
+    src = Volume(
+        np.nan_to_num(np.asarray(dose.array, dtype=np.float32), nan=0.0), dose.spacing, dose.origin, dose.direction
+    )
     on_ct = resample_to(src, ref.grid, interpolation="linear", default_value=0.0, dtype=np.float32)
     arr = np.maximum(on_ct.array, 0.0)
     nz, ny, nx = arr.shape
@@ -293,9 +343,17 @@ def export_rtdose(
         position = [float(v) for v in ref.grid.index_to_world([i0, j0, k0])]
     # uniform offsets along the normal, as the dose was resampled (the CT passed the 1 % check)
     offsets = ref.grid.spacing[2] * np.arange(k1 - k0)
-    ds = _new_dataset(ref, sop_class=RT_DOSE_STORAGE, modality="RTDOSE", series_description=series_description,
-                      series_number=series_number, model_version=model_version, when=when,
-                      sop_instance_uid=sop_instance_uid, series_instance_uid=series_instance_uid)
+    ds = _new_dataset(
+        ref,
+        sop_class=RT_DOSE_STORAGE,
+        modality="RTDOSE",
+        series_description=series_description,
+        series_number=series_number,
+        model_version=model_version,
+        when=when,
+        sop_instance_uid=sop_instance_uid,
+        series_instance_uid=series_instance_uid,
+    )
     set_rt_dose_grid(
         ds,
         stored,
@@ -390,8 +448,10 @@ def _slice_map(ct: Volume, ref: CtReference) -> list[int]:
     bad = np.nonzero(err > tol)[0]
     if bad.size:
         k = int(bad[0])
-        raise ValueError(f"mask slice {k} (z={z_mask[k]:.2f} mm) is {err[k]:.2f} mm from the nearest CT image; "
-                         "masks must be on the CT's slice positions (resample them nearest-neighbour first)")
+        raise ValueError(
+            f"mask slice {k} (z={z_mask[k]:.2f} mm) is {err[k]:.2f} mm from the nearest CT image; "
+            "masks must be on the CT's slice positions (resample them nearest-neighbour first)"
+        )
     if len(set(idx.tolist())) != len(idx):
         raise ValueError("several mask slices map to one CT image; the mask grid is finer than the CT")
     return [int(i) for i in idx]
@@ -442,17 +502,28 @@ def export_rtstruct(
         return image_reference(h.SOPClassUID, h.SOPInstanceUID)
 
     for_uid = ref.frame_of_reference_uid
-    ds = _new_dataset(ref, sop_class=RT_STRUCT_STORAGE, modality="RTSTRUCT", series_description=series_description,
-                      series_number=series_number, model_version=model_version, when=when,
-                      sop_instance_uid=sop_instance_uid, series_instance_uid=series_instance_uid)
+    ds = _new_dataset(
+        ref,
+        sop_class=RT_STRUCT_STORAGE,
+        modality="RTSTRUCT",
+        series_description=series_description,
+        series_number=series_number,
+        model_version=model_version,
+        when=when,
+        sop_instance_uid=sop_instance_uid,
+        series_instance_uid=series_instance_uid,
+    )
     ds.ContentDescription = _content_description(description)
     ds.StructureSetLabel = str(label)[:16]
     ds.StructureSetName = _lo(label)
     ds.StructureSetDescription = ds.ContentDescription
     ds.StructureSetDate = ds.ContentDate
     ds.StructureSetTime = ds.ContentTime
-    ds.ReferencedFrameOfReferenceSequence = [referenced_frame_of_reference(
-        for_uid, ref.study_instance_uid, ref.series_instance_uid, [image_ref(h) for h in ref.headers])]
+    ds.ReferencedFrameOfReferenceSequence = [
+        referenced_frame_of_reference(
+            for_uid, ref.study_instance_uid, ref.series_instance_uid, [image_ref(h) for h in ref.headers]
+        )
+    ]
 
     ssroi, roic, obs = [], [], []
     exported: list[str] = []
@@ -474,9 +545,17 @@ def export_rtstruct(
                 data = "\\".join(f"{format_ds(x, 4)}\\{format_ds(y, 4)}\\{zs}" for x, y in xy)
                 contours.append(closed_planar_contour(image_ref(h), len(contours) + 1, len(poly), data))
         color = (colors or {}).get(name) or _PALETTE[(number - 1) % len(_PALETTE)]
-        items = structure_set_roi(number, _lo(name), for_uid, contours=contours, color=color,
-                                  interpreted_type=(roi_types or {}).get(name, "ORGAN"), algorithm="AUTOMATIC",
-                                  description=_lo(f"psqa_pipelines {DISCLAIMER}"), empty_sequence=False)
+        items = structure_set_roi(
+            number,
+            _lo(name),
+            for_uid,
+            contours=contours,
+            color=color,
+            interpreted_type=(roi_types or {}).get(name, "ORGAN"),
+            algorithm="AUTOMATIC",
+            description=_lo(f"psqa_pipelines {DISCLAIMER}"),
+            empty_sequence=False,
+        )
         for seq, it in zip((ssroi, roic, obs), items, strict=True):
             seq.append(it)
         exported.append(name)
@@ -546,24 +625,39 @@ def export_study(
         from pydicom.uid import generate_uid
 
         rs_uid = generate_uid()
-        rs = export_rtstruct(masks, ct, reference_ct_paths, out / f"RS_{prefix}.dcm", colors,
-                             model_version=model_version, when=when, sop_instance_uid=rs_uid)
+        rs = export_rtstruct(
+            masks,
+            ct,
+            reference_ct_paths,
+            out / f"RS_{prefix}.dcm",
+            colors,
+            model_version=model_version,
+            when=when,
+            sop_instance_uid=rs_uid,
+        )
         paths["rtstruct"] = rs.path
         labels, names = label_map(masks)
         paths["labels_nifti"] = export_nifti(ct.with_array(labels), out / f"labels_{prefix}.nii.gz")
         from ml.utils.io import atomic_write_text
 
-        meta = {"labels": {str(k): v for k, v in names.items()}, "rtstruct_skipped": rs.skipped,
-                "note": DISCLAIMER}
-        paths["labels_json"] = atomic_write_text(out / f"labels_{prefix}.json",
-                                                 json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        meta = {"labels": {str(k): v for k, v in names.items()}, "rtstruct_skipped": rs.skipped, "note": DISCLAIMER}
+        paths["labels_json"] = atomic_write_text(
+            out / f"labels_{prefix}.json", json.dumps(meta, indent=2, sort_keys=True) + "\n"
+        )
     if dose is not None:
-        paths["rtdose"] = export_rtdose(dose, reference_ct_paths, out / f"RD_{prefix}.dcm",
-                                        referenced_structure_set_uid=rs_uid, model_version=model_version,
-                                        when=when)
-        src = Volume(np.nan_to_num(np.asarray(dose.array, dtype=np.float32), nan=0.0), dose.spacing, dose.origin,
-                     dose.direction)
+        paths["rtdose"] = export_rtdose(
+            dose,
+            reference_ct_paths,
+            out / f"RD_{prefix}.dcm",
+            referenced_structure_set_uid=rs_uid,
+            model_version=model_version,
+            when=when,
+        )
+        src = Volume(
+            np.nan_to_num(np.asarray(dose.array, dtype=np.float32), nan=0.0), dose.spacing, dose.origin, dose.direction
+        )
         on_ct = resample_to(src, ct, interpolation="linear", default_value=0.0, dtype=np.float32)
-        paths["dose_nifti"] = export_nifti(on_ct.with_array(np.maximum(on_ct.array, 0.0).astype(np.float32)),
-                                           out / f"dose_{prefix}.nii.gz")
+        paths["dose_nifti"] = export_nifti(
+            on_ct.with_array(np.maximum(on_ct.array, 0.0).astype(np.float32)), out / f"dose_{prefix}.nii.gz"
+        )
     return paths

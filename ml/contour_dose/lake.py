@@ -23,8 +23,22 @@ import pandas as pd
 from ml.contour_dose.cache import ROI_ORDER, CacheError, arrays_from_volumes, pack_arrays, write_entry, write_index
 from ml.utils.io import sha256_bytes
 
-CASE_COLUMNS = ["case_id", "study_key", "source", "ct_path", "pdm_path", "dose_path", "mask_paths", "rois",
-                "n_oars", "has_dose", "status", "digest"]
+__all__ = ["CASE_COLUMNS", "build_cache", "case_arrays", "cases_from_manifest"]
+
+CASE_COLUMNS = [
+    "case_id",
+    "study_key",
+    "source",
+    "ct_path",
+    "pdm_path",
+    "dose_path",
+    "mask_paths",
+    "rois",
+    "n_oars",
+    "has_dose",
+    "status",
+    "digest",
+]
 
 
 def cases_from_manifest(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -45,8 +59,12 @@ def cases_from_manifest(manifest: pd.DataFrame) -> pd.DataFrame:
             doses = doses.sort_values(["_rank", "volume_key"])
         mask_paths = dict(zip(masks["name"], masks["path"], strict=True))
         n_oars = sum(1 for n in mask_paths if not n.startswith("PTV"))
-        used = [ct, *([pdm.iloc[0]] if len(pdm) else []), *([doses.iloc[0]] if len(doses) else []),
-                *[r for _, r in masks.iterrows()]]
+        used = [
+            ct,
+            *([pdm.iloc[0]] if len(pdm) else []),
+            *([doses.iloc[0]] if len(doses) else []),
+            *[r for _, r in masks.iterrows()],
+        ]
         has_ptv = any(n.startswith("PTV") for n in mask_paths)
         if len(doses):
             status = "ok" if n_oars else "no_oars"
@@ -54,13 +72,22 @@ def cases_from_manifest(manifest: pd.DataFrame) -> pd.DataFrame:
             status = "predict_only" if has_ptv else "no_dose"
         if len(cts) > 1:
             status += f";ignored_ct:{len(cts) - 1}"
-        rows.append({
-            "case_id": str(study), "study_key": str(study), "source": str(ct["source"]), "ct_path": ct["path"],
-            "pdm_path": pdm.iloc[0]["path"] if len(pdm) else "", "dose_path": doses.iloc[0]["path"] if len(doses) else "",
-            "mask_paths": json.dumps(mask_paths, sort_keys=True), "rois": ",".join(mask_paths), "n_oars": n_oars,
-            "has_dose": bool(len(doses)), "status": status,
-            "digest": sha256_bytes("|".join(sorted(str(r["sha256"]) for r in used)).encode())[:16],
-        })
+        rows.append(
+            {
+                "case_id": str(study),
+                "study_key": str(study),
+                "source": str(ct["source"]),
+                "ct_path": ct["path"],
+                "pdm_path": pdm.iloc[0]["path"] if len(pdm) else "",
+                "dose_path": doses.iloc[0]["path"] if len(doses) else "",
+                "mask_paths": json.dumps(mask_paths, sort_keys=True),
+                "rois": ",".join(mask_paths),
+                "n_oars": n_oars,
+                "has_dose": bool(len(doses)),
+                "status": status,
+                "digest": sha256_bytes("|".join(sorted(str(r["sha256"]) for r in used)).encode())[:16],
+            }
+        )
     return pd.DataFrame(rows, columns=CASE_COLUMNS)
 
 
@@ -75,22 +102,34 @@ def case_arrays(case: pd.Series | dict, lake_dir: str | os.PathLike):
     masks = {n: read_nifti(lake_dir / p) for n, p in json.loads(case["mask_paths"]).items()}
     dose = read_nifti(lake_dir / case["dose_path"], np.float32) if case["dose_path"] else None
     pdm = read_nifti(lake_dir / case["pdm_path"]) if case["pdm_path"] else None
-    on_openkbp_grid = (case["source"] == "openkbp" and ct.array.shape == (128, 128, 128)
-                       and np.allclose(ct.spacing, (3.906, 3.906, 2.5), atol=0.05))
+    on_openkbp_grid = (
+        case["source"] == "openkbp"
+        and ct.array.shape == (128, 128, 128)
+        and np.allclose(ct.spacing, (3.906, 3.906, 2.5), atol=0.05)
+    )
     if on_openkbp_grid:
         sx, sy, sz = ct.spacing
-        arrays = pack_arrays(case["case_id"], ct.array.astype(np.int16),
-                             pdm.array.astype(bool) if pdm is not None else ct.array > -500,
-                             {n: m.array.astype(bool) for n, m in masks.items()},
-                             None if dose is None else np.maximum(dose.array, 0), (sy, sx, sz))
+        arrays = pack_arrays(
+            case["case_id"],
+            ct.array.astype(np.int16),
+            pdm.array.astype(bool) if pdm is not None else ct.array > -500,
+            {n: m.array.astype(bool) for n, m in masks.items()},
+            None if dose is None else np.maximum(dose.array, 0),
+            (sy, sx, sz),
+        )
         arrays["grid_origin"] = np.asarray(ct.origin, dtype=np.float64)
         arrays["grid_spacing"] = np.asarray(ct.spacing, dtype=np.float64)
         return arrays, ct.with_array(np.zeros(ct.array.shape, np.uint8))
     return arrays_from_volumes(case["case_id"], ct, masks, dose, pdm)
 
 
-def build_cache(cases: pd.DataFrame, lake_dir: str | os.PathLike, cache_dir: str | os.PathLike,
-                split: pd.DataFrame | None = None, log=print) -> tuple[pd.DataFrame, list[dict]]:
+def build_cache(
+    cases: pd.DataFrame,
+    lake_dir: str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    split: pd.DataFrame | None = None,
+    log=print,
+) -> tuple[pd.DataFrame, list[dict]]:
     """(Re)build the cache for every usable case; unchanged cases (same digest) are reused.
 
     Returns the index (with ``digest``) and the skipped cases with reasons.

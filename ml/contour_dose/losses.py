@@ -17,6 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+__all__ = ["DWA", "combo_loss", "masked_l1", "soft_dice_loss"]
+
 
 def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     err = (pred.float() - target.float()).abs()
@@ -54,7 +56,7 @@ class DWA:
     def weights(self) -> dict[str, float]:
         k = len(self.tasks)
         if not self.enabled or k < 2 or len(self.history) < 2:
-            return {t: 1.0 for t in self.tasks}
+            return dict.fromkeys(self.tasks, 1.0)
         prev, prev2 = self.history[-1], self.history[-2]
         w = {t: prev[t] / max(prev2[t], 1e-12) for t in self.tasks}
         z = {t: math.exp(w[t] / self.T) for t in self.tasks}

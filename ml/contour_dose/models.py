@@ -36,6 +36,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+__all__ = [
+    "CTAN2D",
+    "AttentionUnit",
+    "BasicBlock",
+    "CrossTaskBottleneck",
+    "Decoder",
+    "Encoder",
+    "ModelConfig",
+    "UNet2D",
+    "WidthsConfig",
+    "build_model",
+    "conv_bn_relu",
+    "from_config",
+    "n_parameters",
+]
+
 
 class WidthsConfig:
     """``to_dict`` / ``from_dict`` for the dataclass configs (model and trainer) whose ``widths``
@@ -68,10 +84,10 @@ class ModelConfig(WidthsConfig):
     extra: dict = field(default_factory=dict)
 
 
-
 def conv_bn_relu(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
 
 
 class BasicBlock(nn.Module):
@@ -81,8 +97,11 @@ class BasicBlock(nn.Module):
         self.b1 = nn.BatchNorm2d(cout)
         self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.b2 = nn.BatchNorm2d(cout)
-        self.skip = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                     if stride != 1 or cin != cout else nn.Identity())
+        self.skip = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.relu(self.b1(self.c1(x)), inplace=True)
@@ -168,8 +187,14 @@ class AttentionUnit(nn.Module):
 
     def __init__(self, cin: int, cmid: int, cout: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(cin, cmid, 1, bias=False), nn.BatchNorm2d(cmid), nn.ReLU(inplace=True),
-                                 nn.Conv2d(cmid, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.Sigmoid())
+        self.net = nn.Sequential(
+            nn.Conv2d(cin, cmid, 1, bias=False),
+            nn.BatchNorm2d(cmid),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cmid, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.Sigmoid(),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -187,8 +212,9 @@ class CrossTaskBottleneck(nn.Module):
         self.ln_kv = nn.ModuleDict({t: nn.LayerNorm(dim) for t in tasks})
         self.attn = nn.ModuleDict({t: nn.MultiheadAttention(dim, heads, batch_first=True) for t in tasks})
         self.ln_ff = nn.ModuleDict({t: nn.LayerNorm(dim) for t in tasks})
-        self.ffn = nn.ModuleDict({t: nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-                                  for t in tasks})
+        self.ffn = nn.ModuleDict(
+            {t: nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)) for t in tasks}
+        )
         for t in tasks:  # start as an identity: the block learns how much to exchange
             nn.init.zeros_(self.proj_out[t].weight)
             nn.init.zeros_(self.proj_out[t].bias)

@@ -34,8 +34,18 @@ from ml.contour_dose.slices import SliceData, build_slices, make_batch
 from ml.contour_dose.variants import DOSE_NORM_GY, VARIANTS, lr_swap_index, mask_channel_slices
 from ml.utils.torch_utils import resolve_device
 
-__all__ = ["LoadedModel", "forward_probs", "forward_raw", "infer_slices", "labels_to_masks", "load_model",
-           "predict_cases", "predict_entry", "predict_labels", "predict_openkbp_dir"]
+__all__ = [
+    "LoadedModel",
+    "forward_probs",
+    "forward_raw",
+    "infer_slices",
+    "labels_to_masks",
+    "load_model",
+    "predict_cases",
+    "predict_entry",
+    "predict_labels",
+    "predict_openkbp_dir",
+]
 
 
 @dataclass
@@ -95,9 +105,17 @@ def forward_probs(model, x, device, amp) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def infer_slices(model: torch.nn.Module, data: SliceData, variant: str, start: int, stop: int,
-                 device: torch.device, batch_size: int = 32, amp: bool = False,
-                 tta_flip: bool = False) -> dict[str, np.ndarray]:
+def infer_slices(
+    model: torch.nn.Module,
+    data: SliceData,
+    variant: str,
+    start: int,
+    stop: int,
+    device: torch.device,
+    batch_size: int = 32,
+    amp: bool = False,
+    tta_flip: bool = False,
+) -> dict[str, np.ndarray]:
     """Predict slices ``start:stop`` -> {"dose": [n,H,W] Gy (zero outside pdm), "probs": [n,K+1,H,W]}."""
     rois = VARIANTS[variant]["rois"]
     perm = torch.tensor(lr_swap_index(rois), device=device)
@@ -146,8 +164,17 @@ def predict_entry(lm: LoadedModel, entry: Entry, tta_flip: bool = False, batch_s
     if "gt_masks" in cfg["inputs"] and not any(n in entry.rois for n in cfg["rois"]):
         raise ValueError(f"{entry.patient_id}: Seq-Human needs clinical contours of {cfg['rois']}")
     data = build_slices([entry], lm.rois, cfg["ct_norm"]["mean"], cfg["ct_norm"]["std"], pred)
-    res = infer_slices(lm.model, data, lm.variant, 0, data.n, lm.device, batch_size=batch_size,
-                       amp=lm.device.type == "cuda", tta_flip=tta_flip)
+    res = infer_slices(
+        lm.model,
+        data,
+        lm.variant,
+        0,
+        data.n,
+        lm.device,
+        batch_size=batch_size,
+        amp=lm.device.type == "cuda",
+        tta_flip=tta_flip,
+    )
     out = {}
     if "dose" in res:
         out["dose"] = entry.full(res["dose"] * entry.pdm)
@@ -160,11 +187,17 @@ def labels_to_masks(labels: np.ndarray, rois: tuple[str, ...]) -> dict[str, np.n
     return {name: labels == i for i, name in enumerate(rois, start=1)}
 
 
-def predict_openkbp_dir(model_dir: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                        device: str = "auto", tta_flip: bool = False, log=print) -> pd.DataFrame:
+def predict_openkbp_dir(
+    model_dir: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    device: str = "auto",
+    tta_flip: bool = False,
+    log=print,
+) -> pd.DataFrame:
     from ml.contour_dose.cache import CacheError, entry_from_openkbp
-    from ml.utils.io import save_npz_deterministic
     from ml.data.openkbp import OpenKBPError, from_canonical_array, load_patient, write_sparse
+    from ml.utils.io import save_npz_deterministic
 
     lm = load_model(model_dir, device)
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -190,10 +223,14 @@ def predict_openkbp_dir(model_dir: str | os.PathLike, data_dir: str | os.PathLik
             row["max_dose_gy"] = float(dose.max())
         if "labels" in res:
             masks = {n: from_canonical_array(m) for n, m in labels_to_masks(res["labels"], lm.rois).items()}
-            save_npz_deterministic(out_dir / "contours" / f"{pid}.npz",
-                                   {**{f"roi_{n}": np.packbits(m.reshape(-1)) for n, m in masks.items()},
-                                    "roi_names": np.asarray(list(masks), dtype="U16"),
-                                    "shape": np.asarray(dose.shape if "dose" in res else masks[lm.rois[0]].shape)})
+            save_npz_deterministic(
+                out_dir / "contours" / f"{pid}.npz",
+                {
+                    **{f"roi_{n}": np.packbits(m.reshape(-1)) for n, m in masks.items()},
+                    "roi_names": np.asarray(list(masks), dtype="U16"),
+                    "shape": np.asarray(dose.shape if "dose" in res else masks[lm.rois[0]].shape),
+                },
+            )
             row.update({f"voxels_{n}": int(m.sum()) for n, m in masks.items()})
         rows.append(row)
         log(f"predicted {pid}")
@@ -204,11 +241,18 @@ def predict_openkbp_dir(model_dir: str | os.PathLike, data_dir: str | os.PathLik
 
 def _natural(name: str) -> tuple[str, int]:
     stem = name.rstrip("0123456789")
-    return stem, int(name[len(stem):] or -1)
+    return stem, int(name[len(stem) :] or -1)
 
 
-def predict_cases(model_dirs: dict[str, str | os.PathLike], cache_dir: str | os.PathLike, patient_ids: list[str],
-                  out_dir: str | os.PathLike, device: str = "auto", tta_flip: bool = False, log=print) -> pd.DataFrame:
+def predict_cases(
+    model_dirs: dict[str, str | os.PathLike],
+    cache_dir: str | os.PathLike,
+    patient_ids: list[str],
+    out_dir: str | os.PathLike,
+    device: str = "auto",
+    tta_flip: bool = False,
+    log=print,
+) -> pd.DataFrame:
     from ml.utils.io import save_npz_deterministic
 
     cache = Cache.open(cache_dir)
@@ -227,7 +271,14 @@ def predict_cases(model_dirs: dict[str, str | os.PathLike], cache_dir: str | os.
                 arrays["rois"] = np.asarray(lm.rois, dtype="U16")
             path = out_dir / variant / f"{pid}.npz"
             save_npz_deterministic(path, arrays)
-            rows.append({"variant": variant, "patient_id": pid, "path": str(path), "has_dose": "dose" in res,
-                         "has_contours": "labels" in res})
+            rows.append(
+                {
+                    "variant": variant,
+                    "patient_id": pid,
+                    "path": str(path),
+                    "has_dose": "dose" in res,
+                    "has_contours": "labels" in res,
+                }
+            )
         log(f"predicted {len(patient_ids)} patients with {variant}")
     return pd.DataFrame(rows)

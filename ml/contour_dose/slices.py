@@ -66,8 +66,13 @@ class SliceData:
         return int(self.ct.shape[0])
 
 
-def build_slices(entries: list[Entry], rois: tuple[str, ...], ct_mean: float, ct_std: float,
-                 pred_labels: dict[str, np.ndarray] | None = None) -> SliceData:
+def build_slices(
+    entries: list[Entry],
+    rois: tuple[str, ...],
+    ct_mean: float,
+    ct_std: float,
+    pred_labels: dict[str, np.ndarray] | None = None,
+) -> SliceData:
     cts, labels, doses, pdms, ptvs, preds, prev, nxt, spans = [], [], [], [], [], [], [], [], []
     start = 0
     for e in entries:
@@ -75,8 +80,7 @@ def build_slices(entries: list[Entry], rois: tuple[str, ...], ct_mean: float, ct
         shape = e.ct.shape
         cts.append(normalise_ct(e.ct, ct_mean, ct_std).astype(np.float16))
         labels.append(label_map(e.rois, rois, shape))
-        doses.append((e.dose / DOSE_NORM_GY).astype(np.float16) if e.dose is not None
-                     else np.zeros(shape, np.float16))
+        doses.append((e.dose / DOSE_NORM_GY).astype(np.float16) if e.dose is not None else np.zeros(shape, np.float16))
         pdms.append(e.pdm)
         ptvs.append(ptv_map(e.rois, shape).astype(np.float16))
         if pred_labels is not None:
@@ -88,10 +92,16 @@ def build_slices(entries: list[Entry], rois: tuple[str, ...], ct_mean: float, ct
         start += n
     t = torch.from_numpy
     return SliceData(
-        ct=t(np.concatenate(cts)), label=t(np.concatenate(labels)), dose=t(np.concatenate(doses)),
-        pdm=t(np.concatenate(pdms)), ptv=t(np.concatenate(ptvs)),
+        ct=t(np.concatenate(cts)),
+        label=t(np.concatenate(labels)),
+        dose=t(np.concatenate(doses)),
+        pdm=t(np.concatenate(pdms)),
+        ptv=t(np.concatenate(ptvs)),
         pred_label=t(np.concatenate(preds)) if preds else None,
-        prev=t(np.concatenate(prev)), next=t(np.concatenate(nxt)), patient_slices=spans)
+        prev=t(np.concatenate(prev)),
+        next=t(np.concatenate(nxt)),
+        patient_slices=spans,
+    )
 
 
 def make_batch(data: SliceData, idx: torch.Tensor, variant: str) -> dict[str, torch.Tensor]:
@@ -113,12 +123,23 @@ def make_batch(data: SliceData, idx: torch.Tensor, variant: str) -> dict[str, to
             chans.append(F.one_hot(lab.long(), k + 1)[..., 1:].permute(0, 3, 1, 2).float())
         else:
             raise ValueError(name)
-    return {"x": torch.cat(chans, 1), "dose": data.dose[idx].float()[:, None], "label": data.label[idx].long(),
-            "pdm": data.pdm[idx]}
+    return {
+        "x": torch.cat(chans, 1),
+        "dose": data.dose[idx].float()[:, None],
+        "label": data.label[idx].long(),
+        "pdm": data.pdm[idx],
+    }
 
 
-def augment(batch: dict[str, torch.Tensor], variant: str, gen: torch.Generator, max_deg: float = 10.0,
-            max_shift: float = 8.0, p_affine: float = 0.5, p_flip: float = 0.5) -> dict[str, torch.Tensor]:
+def augment(
+    batch: dict[str, torch.Tensor],
+    variant: str,
+    gen: torch.Generator,
+    max_deg: float = 10.0,
+    max_shift: float = 8.0,
+    p_affine: float = 0.5,
+    p_flip: float = 0.5,
+) -> dict[str, torch.Tensor]:
     """Random rotation/shift (bilinear for images, nearest for masks) and L/R flip with label swap."""
     x, dose, label, pdm = batch["x"], batch["dose"], batch["label"], batch["pdm"]
     B, _, H, W = x.shape
@@ -154,14 +175,18 @@ def augment(batch: dict[str, torch.Tensor], variant: str, gen: torch.Generator, 
             # CT is z-scored: pad with the air value (the minimum of the slice) instead of 0
             xi = x[:, img_idx]
             lo = xi.amin(dim=(2, 3), keepdim=True)
-            out[:, img_idx] = F.grid_sample(xi - lo, grid, mode="bilinear", padding_mode="zeros",
-                                            align_corners=False) + lo
+            out[:, img_idx] = (
+                F.grid_sample(xi - lo, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + lo
+            )
         for a, b in nearest:
             out[:, a:b] = F.grid_sample(x[:, a:b], grid, mode="nearest", padding_mode="zeros", align_corners=False)
         x = out
         dose = F.grid_sample(dose, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        label = F.grid_sample(label[:, None].float(), grid, mode="nearest", padding_mode="zeros",
-                              align_corners=False)[:, 0].long()
-        pdm = F.grid_sample(pdm[:, None].float(), grid, mode="nearest", padding_mode="zeros",
-                            align_corners=False)[:, 0] > 0.5
+        label = F.grid_sample(label[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)[
+            :, 0
+        ].long()
+        pdm = (
+            F.grid_sample(pdm[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)[:, 0]
+            > 0.5
+        )
     return {"x": x, "dose": dose, "label": label, "pdm": pdm}

@@ -14,6 +14,8 @@ import hashlib
 
 import pandas as pd
 
+__all__ = ["DEFAULT_FRACTIONS", "SPLITS", "patient_split"]
+
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 
@@ -22,23 +24,29 @@ def _h(text: str, seed: int) -> str:
     return hashlib.sha256(f"contour-dose:{seed}:{text}".encode()).hexdigest()
 
 
-def patient_split(patient_ids: list[str], existing: pd.DataFrame | None = None, *, seed: int = 0,
-                  fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> pd.DataFrame:
+def patient_split(
+    patient_ids: list[str],
+    existing: pd.DataFrame | None = None,
+    *,
+    seed: int = 0,
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+) -> pd.DataFrame:
     """-> DataFrame(patient_id, split) covering ``patient_ids`` (and keeping ``existing`` rows)."""
     if abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
         raise ValueError(f"fractions must be non-negative and sum to 1, got {fractions}")
     ids = sorted(set(patient_ids), key=lambda p: _h(p, seed))
-    known = {} if existing is None or existing.empty else dict(zip(existing["patient_id"], existing["split"],
-                                                                    strict=True))
+    known = (
+        {} if existing is None or existing.empty else dict(zip(existing["patient_id"], existing["split"], strict=True))
+    )
     new = [p for p in ids if p not in known]
     if not known:
         n = len(ids)
         n_val, n_test = round(n * fractions[1]), round(n * fractions[2])
         if n >= 3:
             n_val, n_test = max(n_val, 1), max(n_test, 1)
-        out = {p: "test" for p in ids[:n_test]}
-        out.update({p: "val" for p in ids[n_test:n_test + n_val]})
-        out.update({p: "train" for p in ids[n_test + n_val:]})
+        out = dict.fromkeys(ids[:n_test], "test")
+        out.update(dict.fromkeys(ids[n_test : n_test + n_val], "val"))
+        out.update(dict.fromkeys(ids[n_test + n_val :], "train"))
     else:
         out = dict(known)
         counts = {s: sum(1 for v in known.values() if v == s) for s in SPLITS}

@@ -35,6 +35,29 @@ from decimal import ROUND_HALF_UP, Decimal
 import numpy as np
 import pandas as pd
 
+__all__ = [
+    "AVERAGE",
+    "DAGGER",
+    "METRIC_DISPLAY",
+    "ROI_DISPLAY",
+    "SEED_CONTOUR_ROIS",
+    "SEED_DVH_ROIS",
+    "SEED_DVH_ROWS",
+    "contour_table",
+    "dvh_errors_wide",
+    "dvh_mae_table",
+    "dvh_tests",
+    "format_contour_table",
+    "format_dvh_table",
+    "paired_one_sided_tests",
+    "rel_diff_label",
+    "relative_difference",
+    "round_half_up",
+    "row_mae",
+    "summarise_mae_rows",
+    "to_markdown",
+]
+
 SEED_DVH_ROIS: tuple[str, ...] = ("Brainstem", "SpinalCord", "LeftParotid", "RightParotid")
 SEED_DVH_ROWS: list[tuple[str, str]] = [(roi, m) for roi in SEED_DVH_ROIS for m in ("D_0.1_cc", "mean")]
 SEED_CONTOUR_ROIS: tuple[str, ...] = SEED_DVH_ROIS
@@ -49,7 +72,11 @@ ROI_DISPLAY: dict[str, str] = {
     "Mandible": "Mandible",
 }
 METRIC_DISPLAY: dict[str, str] = {
-    "D_0.1_cc": "D0.1cc", "mean": "Dmean", "D_99": "D99", "D_95": "D95", "D_1": "D1",
+    "D_0.1_cc": "D0.1cc",
+    "mean": "Dmean",
+    "D_99": "D99",
+    "D_95": "D95",
+    "D_1": "D1",
 }
 AVERAGE = "Average"
 DAGGER = "†"
@@ -97,9 +124,7 @@ def row_mae(long_df: pd.DataFrame, rows: Sequence[tuple[str, str]] = SEED_DVH_RO
     return dvh_errors_wide(long_df, rows).mean(axis=0, skipna=True)
 
 
-def summarise_mae_rows(
-    row_maes: pd.DataFrame, baseline: str = "Baseline", decimals: int | None = None
-) -> pd.DataFrame:
+def summarise_mae_rows(row_maes: pd.DataFrame, baseline: str = "Baseline", decimals: int | None = None) -> pd.DataFrame:
     """Append the seed's ``Average`` row and ``Rel. diff. vs <baseline> (%)`` row.
 
     ``row_maes`` has one row per (roi, metric) and one column per model, holding per-row MAEs

@@ -56,8 +56,17 @@ from ml.training import (
 )
 from ml.utils.torch_utils import resolve_device, set_seed
 
-__all__ = ["ContourDoseTask", "TrainConfig", "ct_stats", "load_split", "model_config", "task_losses", "train",
-           "train_step", "validate"]
+__all__ = [
+    "ContourDoseTask",
+    "TrainConfig",
+    "ct_stats",
+    "load_split",
+    "model_config",
+    "task_losses",
+    "train",
+    "train_step",
+    "validate",
+]
 
 
 @dataclass
@@ -99,8 +108,9 @@ def dice_per_roi(pred_label: np.ndarray, true_label: np.ndarray, rois: tuple[str
     return out
 
 
-def validate(model, data: SliceData, variant: str, device: torch.device, amp: bool,
-             max_patients: int | None = None) -> dict[str, float]:
+def validate(
+    model, data: SliceData, variant: str, device: torch.device, amp: bool, max_patients: int | None = None
+) -> dict[str, float]:
     """Whole-volume validation: loss (as trained), dose score (Gy) and Dice per ROI."""
     rois = VARIANTS[variant]["rois"]
     tasks = VARIANTS[variant]["tasks"]
@@ -139,8 +149,16 @@ def validate(model, data: SliceData, variant: str, device: torch.device, amp: bo
     return res
 
 
-def train_step(model, opt, batch: dict[str, torch.Tensor], weights: dict[str, float], device: torch.device,
-               amp: bool, channels_last: bool | None = None, grad_clip: float | None = None) -> dict[str, torch.Tensor]:
+def train_step(
+    model,
+    opt,
+    batch: dict[str, torch.Tensor],
+    weights: dict[str, float],
+    device: torch.device,
+    amp: bool,
+    channels_last: bool | None = None,
+    grad_clip: float | None = None,
+) -> dict[str, torch.Tensor]:
     """One optimiser step on ``batch`` with the task losses weighted by ``weights`` (DWA) -> the
     unweighted task losses. The engine's step (``ContourDoseTask`` + ``optimizer_step``) as one call,
     for the throughput benchmark (``benchmarks/contour_dose_train.py``)."""
@@ -183,9 +201,15 @@ def ct_stats(entries: list[Entry]) -> tuple[float, float]:
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
     spec = VARIANTS[cfg.variant]
-    return ModelConfig(arch=spec["arch"], in_channels=in_channels(cfg.variant),
-                       n_classes=len(spec["rois"]) + 1 if "contour" in spec["tasks"] else 0,
-                       dose="dose" in spec["tasks"], widths=tuple(cfg.widths), ctab=cfg.ctab, ctae=cfg.ctae)
+    return ModelConfig(
+        arch=spec["arch"],
+        in_channels=in_channels(cfg.variant),
+        n_classes=len(spec["rois"]) + 1 if "contour" in spec["tasks"] else 0,
+        dose="dose" in spec["tasks"],
+        widths=tuple(cfg.widths),
+        ctab=cfg.ctab,
+        ctae=cfg.ctae,
+    )
 
 
 class ContourDoseTask(TrainTask):
@@ -194,13 +218,15 @@ class ContourDoseTask(TrainTask):
 
     samples_name = "slices"
 
-    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, data: dict[str, SliceData],
-                 device: torch.device) -> None:
+    def __init__(
+        self, cfg: TrainConfig, model: torch.nn.Module, data: dict[str, SliceData], device: torch.device
+    ) -> None:
         self.cfg, self.model, self.data, self.device = cfg, model, data, device
         self.amp = resolve_amp(cfg.amp, device) is not None
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(cfg.epochs, 1),
-                                                                    eta_min=cfg.lr * 0.01)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=max(cfg.epochs, 1), eta_min=cfg.lr * 0.01
+        )
         self.loss_names = tuple(VARIANTS[cfg.variant]["tasks"])
         self.tag = f"[{cfg.variant}] "
         self.dwa = DWA(self.loss_names, cfg.dwa_temperature, enabled=cfg.dwa)
@@ -220,7 +246,7 @@ class ContourDoseTask(TrainTask):
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         bs = self.cfg.batch_size
         lo = (step * bs) % self.n_train
-        idx = self.perm[lo:lo + bs]
+        idx = self.perm[lo : lo + bs]
         if len(idx) < 2:
             idx = self.perm[:bs]
         train = self.data["train"]
@@ -260,8 +286,14 @@ class ContourDoseTask(TrainTask):
         self.gen.set_state(state["generator"])
 
 
-def train(cache_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainConfig | None = None,
-          split: pd.DataFrame | str | None = None, log=print, callbacks: list[Callback] | None = None) -> dict:
+def train(
+    cache_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    cfg: TrainConfig | None = None,
+    split: pd.DataFrame | str | None = None,
+    log=print,
+    callbacks: list[Callback] | None = None,
+) -> dict:
     """Train (or resume) one variant on a cache; writes config.json, model_best.pt, checkpoint.pt,
     history.csv, metrics.json. ``callbacks`` receive the engine's progress, epochs and checkpoints."""
     cfg = cfg or TrainConfig()
@@ -294,27 +326,54 @@ def train(cache_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainCo
     del entries, pred_labels  # the stacked slices hold everything training needs
     if device.type == "cuda":
         data = {s: d.to(device) for s, d in data.items()}
-    log(f"[{cfg.variant}] {len(ids['train'])} train / {len(ids['val'])} val patients, "
-        f"{data['train'].n} / {data['val'].n} slices, loaded in {time.perf_counter() - t_load:.1f} s")
+    log(
+        f"[{cfg.variant}] {len(ids['train'])} train / {len(ids['val'])} val patients, "
+        f"{data['train'].n} / {data['val'].n} slices, loaded in {time.perf_counter() - t_load:.1f} s"
+    )
 
     mcfg = model_config(cfg)
     model = build_model(mcfg).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     task = ContourDoseTask(cfg, model, data, device)
-    (out / "config.json").write_text(json.dumps({
-        "variant": cfg.variant, "train": cfg.to_dict(), "model": mcfg.to_dict(), "rois": list(rois),
-        "inputs": list(spec["inputs"]), "tasks": list(task.loss_names),
-        "ct_norm": {"mean": ct_mean, "std": ct_std, "clip_hu": list(HU_CLIP)},
-        "dose_norm_gy": DOSE_NORM_GY, "split": {s: ids[s] for s in ids},
-        "cache": {"n_patients": int(len(cache.index)), "bytes": int(cache.meta.get("bytes", 0))},
-        "n_parameters": n_parameters(model)}, indent=2))
-    result = Trainer(task, cfg, out, monitor="val_loss", config=cfg.to_dict(), identity=_identity, device=device,
-                     log=log, callbacks=callbacks).fit()
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "variant": cfg.variant,
+                "train": cfg.to_dict(),
+                "model": mcfg.to_dict(),
+                "rois": list(rois),
+                "inputs": list(spec["inputs"]),
+                "tasks": list(task.loss_names),
+                "ct_norm": {"mean": ct_mean, "std": ct_std, "clip_hu": list(HU_CLIP)},
+                "dose_norm_gy": DOSE_NORM_GY,
+                "split": {s: ids[s] for s in ids},
+                "cache": {"n_patients": len(cache.index), "bytes": int(cache.meta.get("bytes", 0))},
+                "n_parameters": n_parameters(model),
+            },
+            indent=2,
+        )
+    )
+    result = Trainer(
+        task,
+        cfg,
+        out,
+        monitor="val_loss",
+        config=cfg.to_dict(),
+        identity=_identity,
+        device=device,
+        log=log,
+        callbacks=callbacks,
+    ).fit()
     metrics = {
-        "variant": cfg.variant, "best_val_loss": result.best, **result.common_metrics(),
-        "train_slices_per_s": result.samples_per_s, "n_train_patients": len(ids["train"]),
-        "n_val_patients": len(ids["val"]), "n_train_slices": data["train"].n, "n_parameters": n_parameters(model),
+        "variant": cfg.variant,
+        "best_val_loss": result.best,
+        **result.common_metrics(),
+        "train_slices_per_s": result.samples_per_s,
+        "n_train_patients": len(ids["train"]),
+        "n_val_patients": len(ids["val"]),
+        "n_train_slices": data["train"].n,
+        "n_parameters": n_parameters(model),
         **{k: v for k, v in result.best_row().items() if k.startswith("val_")},
     }
     return write_metrics(out / "metrics.json", metrics)

@@ -19,8 +19,18 @@ OARs. Dose is normalised by 70 Gy; CT HU are clipped to ``HU_CLIP`` before z-sco
 
 from __future__ import annotations
 
-__all__ = ["DOSE_NORM_GY", "HU_CLIP", "LR_PAIRS", "MODEL_NAMES", "PAPER_ROIS", "PRODUCT_ROIS", "VARIANTS",
-           "in_channels", "lr_swap_index", "mask_channel_slices"]
+__all__ = [
+    "DOSE_NORM_GY",
+    "HU_CLIP",
+    "LR_PAIRS",
+    "MODEL_NAMES",
+    "PAPER_ROIS",
+    "PRODUCT_ROIS",
+    "VARIANTS",
+    "in_channels",
+    "lr_swap_index",
+    "mask_channel_slices",
+]
 
 DOSE_NORM_GY = 70.0
 HU_CLIP = (-1024.0, 1500.0)
@@ -34,11 +44,16 @@ VARIANTS: dict[str, dict] = {
     "seq-human": {"arch": "unet", "inputs": ("ct", "gt_masks"), "tasks": ("dose",), "rois": PAPER_ROIS},
     "seq-automated": {"arch": "unet", "inputs": ("ct", "pred_masks"), "tasks": ("dose",), "rois": PAPER_ROIS},
     "multi-automated": {"arch": "ctan", "inputs": ("ct",), "tasks": ("dose", "contour"), "rois": PAPER_ROIS},
-    "product": {"arch": "ctan", "inputs": ("ct3", "ptv", "pdm"), "tasks": ("dose", "contour"),
-                "rois": PRODUCT_ROIS},
+    "product": {"arch": "ctan", "inputs": ("ct3", "ptv", "pdm"), "tasks": ("dose", "contour"), "rois": PRODUCT_ROIS},
 }
-MODEL_NAMES = {"dose-only": "Baseline", "contour-only": "DL-Baseline", "seq-human": "Seq-Human",
-               "seq-automated": "Seq-Automated", "multi-automated": "Multi-Automated", "product": "Product"}
+MODEL_NAMES = {
+    "dose-only": "Baseline",
+    "contour-only": "DL-Baseline",
+    "seq-human": "Seq-Human",
+    "seq-automated": "Seq-Automated",
+    "multi-automated": "Multi-Automated",
+    "product": "Product",
+}
 
 
 def in_channels(variant: str) -> int:

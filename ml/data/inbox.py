@@ -31,6 +31,23 @@ from pathlib import Path
 from ml.data.dicom.deid import Pseudonymizer
 from ml.utils.io import atomic_write_text
 
+__all__ = [
+    "INDEX_DIR",
+    "QA_RESULTS_COLUMNS",
+    "FileRef",
+    "InboxScan",
+    "SourceScan",
+    "StudyGroup",
+    "fileref_to_dict",
+    "fingerprint",
+    "is_qa_results_csv",
+    "read_receipt",
+    "scan_landing_folder",
+    "scan_sources",
+    "scan_summary",
+    "write_receipt",
+]
+
 INDEX_DIR = ".psqa_index"
 _OPENKBP_CT = re.compile(r"^ct\.csv(\.xz|\.gz)?$")
 _OPENKBP_MARKERS = ("dose", "possible_dose_mask", "voxel_dimensions")
@@ -288,11 +305,11 @@ class SourceScan:
         return {name: scan_summary(scan) for name, scan in self.scans.items()}
 
 
-def scan_sources(sources: list[tuple[str, Path, bool]], pseudonymizer: Pseudonymizer,
-                 settle_seconds: float = 0.0) -> SourceScan:
+def scan_sources(
+    sources: list[tuple[str, Path, bool]], pseudonymizer: Pseudonymizer, settle_seconds: float = 0.0
+) -> SourceScan:
     scans, writable = {}, {}
     for name, root, can_write in sources:
-        scans[name] = scan_landing_folder(root, pseudonymizer, settle_seconds=settle_seconds,
-                                          use_cache=can_write)
+        scans[name] = scan_landing_folder(root, pseudonymizer, settle_seconds=settle_seconds, use_cache=can_write)
         writable[name] = can_write
     return SourceScan(scans, writable)

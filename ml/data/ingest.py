@@ -45,24 +45,67 @@ from ml.data.roi_names import canonical_roi_name
 from ml.utils.io import atomic_write_bytes, save_npz_deterministic, sha256_bytes, sha256_file
 from ml.utils.tables import typed_frame
 
+__all__ = ["FILE_COLUMNS", "SERIES_COLUMNS", "StudyIngest", "ingest_study", "pack_openkbp_patient", "unpack_openkbp"]
+
 FILE_COLUMNS = {
-    "study_key": "str", "patient_id": "str", "source": "str", "modality": "str",
-    "sop_class_uid": "str", "sop_instance_uid": "str", "series_key": "str", "object_key": "str",
-    "series_instance_uid": "str", "frame_of_reference_uid": "str", "sequence": "str", "roi_name": "str",
-    "rows": "int64", "columns": "int64", "n_frames": "int64",
-    "pixel_spacing_x": "float64", "pixel_spacing_y": "float64", "slice_thickness": "float64",
-    "position_x": "float64", "position_y": "float64", "position_z": "float64", "orientation": "str",
-    "stored_path": "str", "sha256": "str", "source_sha256": "str", "size_bytes": "int64",
+    "study_key": "str",
+    "patient_id": "str",
+    "source": "str",
+    "modality": "str",
+    "sop_class_uid": "str",
+    "sop_instance_uid": "str",
+    "series_key": "str",
+    "object_key": "str",
+    "series_instance_uid": "str",
+    "frame_of_reference_uid": "str",
+    "sequence": "str",
+    "roi_name": "str",
+    "rows": "int64",
+    "columns": "int64",
+    "n_frames": "int64",
+    "pixel_spacing_x": "float64",
+    "pixel_spacing_y": "float64",
+    "slice_thickness": "float64",
+    "position_x": "float64",
+    "position_y": "float64",
+    "position_z": "float64",
+    "orientation": "str",
+    "stored_path": "str",
+    "sha256": "str",
+    "source_sha256": "str",
+    "size_bytes": "int64",
 }
 SERIES_COLUMNS = {
-    "study_key": "str", "patient_id": "str", "source": "str", "series_key": "str", "object_key": "str",
-    "modality": "str", "sequence": "str", "n_files": "int64",
-    "rows": "int64", "columns": "int64", "n_slices": "int64",
-    "spacing_x": "float64", "spacing_y": "float64", "spacing_z": "float64",
-    "origin_x": "float64", "origin_y": "float64", "origin_z": "float64", "orientation": "str",
-    "frame_of_reference_uid": "str", "series_instance_uid": "str", "referenced_series_key": "str",
-    "referenced_object_key": "str", "referenced_beam": "int64", "roi_names": "str", "n_rois": "int64", "dose_units": "str",
-    "dose_summation_type": "str", "dose_max": "float64", "n_beams": "int64", "status": "str",
+    "study_key": "str",
+    "patient_id": "str",
+    "source": "str",
+    "series_key": "str",
+    "object_key": "str",
+    "modality": "str",
+    "sequence": "str",
+    "n_files": "int64",
+    "rows": "int64",
+    "columns": "int64",
+    "n_slices": "int64",
+    "spacing_x": "float64",
+    "spacing_y": "float64",
+    "spacing_z": "float64",
+    "origin_x": "float64",
+    "origin_y": "float64",
+    "origin_z": "float64",
+    "orientation": "str",
+    "frame_of_reference_uid": "str",
+    "series_instance_uid": "str",
+    "referenced_series_key": "str",
+    "referenced_object_key": "str",
+    "referenced_beam": "int64",
+    "roi_names": "str",
+    "n_rois": "int64",
+    "dose_units": "str",
+    "dose_summation_type": "str",
+    "dose_max": "float64",
+    "n_beams": "int64",
+    "status": "str",
 }
 
 
@@ -93,8 +136,9 @@ class StudyIngest:
 class _Ctx:
     """Per-study bookkeeping shared by the source-specific ingesters."""
 
-    def __init__(self, group: StudyGroup, lake_dir: Path, quarantine: Quarantine,
-                 pseudonymizer: Pseudonymizer, move_bad: bool) -> None:
+    def __init__(
+        self, group: StudyGroup, lake_dir: Path, quarantine: Quarantine, pseudonymizer: Pseudonymizer, move_bad: bool
+    ) -> None:
         self.group = group
         self.lake_dir = Path(lake_dir)
         self.study_dir = self.lake_dir / "studies" / group.key
@@ -115,8 +159,14 @@ class _Ctx:
 
     def reject(self, ref: FileRef, reason: str, detail: str = "", raw_error: str = "") -> None:
         rec = self.quarantine.put(
-            self.abspath(ref), reason=reason, detail=detail, study_key=self.group.key,
-            source=self.group.source, move=self.move_bad, relpath=ref.relpath, raw_error=raw_error,
+            self.abspath(ref),
+            reason=reason,
+            detail=detail,
+            study_key=self.group.key,
+            source=self.group.source,
+            move=self.move_bad,
+            relpath=ref.relpath,
+            raw_error=raw_error,
             sha256=self.source_sha(ref),
         )
         self.records.append(rec)
@@ -141,9 +191,15 @@ class _Ctx:
                 p.rmdir()
 
 
-def ingest_study(group: StudyGroup, lake_dir: str | os.PathLike, quarantine: Quarantine,
-                 pseudonymizer: Pseudonymizer, *, move_bad: bool = True,
-                 require_dose: bool = True) -> StudyIngest:
+def ingest_study(
+    group: StudyGroup,
+    lake_dir: str | os.PathLike,
+    quarantine: Quarantine,
+    pseudonymizer: Pseudonymizer,
+    *,
+    move_bad: bool = True,
+    require_dose: bool = True,
+) -> StudyIngest:
     ctx = _Ctx(group, Path(lake_dir), quarantine, pseudonymizer, move_bad)
     if group.source == "dicom":
         result = _ingest_dicom(ctx)
@@ -178,11 +234,15 @@ def _ingest_dicom(ctx: _Ctx) -> StudyIngest:
     series_rows = [_image_series_row(ctx, members, geom, patient_id) for members, geom in accepted_series.values()]
     series_rows += [_rt_object_row(ctx, it, patient_id) for it in rt_items]
     return StudyIngest(
-        study_key=ctx.group.key, source="dicom", patient_id=patient_id,
+        study_key=ctx.group.key,
+        source="dicom",
+        patient_id=patient_id,
         files=typed_frame(sorted(file_rows, key=lambda r: r["stored_path"]), FILE_COLUMNS),
         series=typed_frame(sorted(series_rows, key=lambda r: (r["modality"], r["object_key"])), SERIES_COLUMNS),
-        quarantined=ctx.records, files_seen=len(ctx.group.files),
-        fingerprint_after=ctx.fingerprint_after(), stats=stats,
+        quarantined=ctx.records,
+        files_seen=len(ctx.group.files),
+        fingerprint_after=ctx.fingerprint_after(),
+        stats=stats,
     )
 
 
@@ -246,12 +306,15 @@ def _accept_image_series(ctx: _Ctx, items: list[_Item]) -> dict[str, tuple[list[
 
 def _image_frames(image_items: list[_Item]) -> dict[str, str]:
     """Frame of reference UID -> the (last) accepted image series in it."""
-    return {m.inst.frame_of_reference_uid: m.inst.series_uid for m in image_items
-            if m.inst.frame_of_reference_uid}
+    return {m.inst.frame_of_reference_uid: m.inst.series_uid for m in image_items if m.inst.frame_of_reference_uid}
 
 
-def _referencing_rt_objects(ctx: _Ctx, items: list[_Item], accepted_series: dict, image_frames: dict[str, str],
-                            ) -> list[_Item]:
+def _referencing_rt_objects(
+    ctx: _Ctx,
+    items: list[_Item],
+    accepted_series: dict,
+    image_frames: dict[str, str],
+) -> list[_Item]:
     """The RT Plans, then the RT Structure Sets and RT Doses (in file order) that reference something
     kept; the others are quarantined as ``dangling_reference``."""
     plans = {it.inst.sop_instance_uid: it for it in items if it.inst.modality == "RTPLAN"}
@@ -320,8 +383,11 @@ def _describe(ctx: _Ctx, it: _Item) -> None:
     """What the rows need from the identified dataset: pseudonymous keys, MR sequence, ROI names."""
     inst, ds = it.inst, it.ds
     it.extra["series_key"] = ctx.p.short("series", inst.series_uid, "se-")
-    it.extra["object_key"] = (it.extra["series_key"] if inst.modality in IMAGE_MODALITIES
-                              else ctx.p.short("sop", inst.sop_instance_uid, "ob-"))
+    it.extra["object_key"] = (
+        it.extra["series_key"]
+        if inst.modality in IMAGE_MODALITIES
+        else ctx.p.short("sop", inst.sop_instance_uid, "ob-")
+    )
     if inst.modality == "MR":
         from ml.data.mri import sequence_from_dicom
 
@@ -345,27 +411,46 @@ def _store(ctx: _Ctx, it: _Item) -> Path:
 def _image_series_row(ctx: _Ctx, members: list[_Item], geom, patient_id: str) -> dict:
     first = members[0]
     return {
-        "study_key": ctx.group.key, "patient_id": patient_id, "source": "dicom",
-        "series_key": first.extra["series_key"], "object_key": first.extra["object_key"],
-        "modality": first.inst.modality, "sequence": first.extra.get("sequence", ""),
-        "n_files": len(members), "rows": geom.rows, "columns": geom.columns, "n_slices": geom.n_slices,
-        "spacing_x": geom.spacing[0], "spacing_y": geom.spacing[1], "spacing_z": geom.spacing[2],
-        "origin_x": geom.origin[0], "origin_y": geom.origin[1], "origin_z": geom.origin[2],
+        "study_key": ctx.group.key,
+        "patient_id": patient_id,
+        "source": "dicom",
+        "series_key": first.extra["series_key"],
+        "object_key": first.extra["object_key"],
+        "modality": first.inst.modality,
+        "sequence": first.extra.get("sequence", ""),
+        "n_files": len(members),
+        "rows": geom.rows,
+        "columns": geom.columns,
+        "n_slices": geom.n_slices,
+        "spacing_x": geom.spacing[0],
+        "spacing_y": geom.spacing[1],
+        "spacing_z": geom.spacing[2],
+        "origin_x": geom.origin[0],
+        "origin_y": geom.origin[1],
+        "origin_z": geom.origin[2],
         "orientation": _fmt(first.inst.image_orientation),
         "frame_of_reference_uid": str(first.ds.get("FrameOfReferenceUID", "") or ""),
-        "series_instance_uid": str(first.ds.SeriesInstanceUID), "status": "ok",
+        "series_instance_uid": str(first.ds.SeriesInstanceUID),
+        "status": "ok",
     }
 
 
 def _rt_object_row(ctx: _Ctx, it: _Item, patient_id: str) -> dict:
     ds, inst = it.ds, it.inst
     row = {
-        "study_key": ctx.group.key, "patient_id": patient_id, "source": "dicom",
-        "series_key": it.extra["series_key"], "object_key": it.extra["object_key"],
-        "modality": inst.modality, "n_files": 1,
+        "study_key": ctx.group.key,
+        "patient_id": patient_id,
+        "source": "dicom",
+        "series_key": it.extra["series_key"],
+        "object_key": it.extra["object_key"],
+        "modality": inst.modality,
+        "n_files": 1,
         "frame_of_reference_uid": str(ds.get("FrameOfReferenceUID", "") or ""),
-        "series_instance_uid": str(ds.SeriesInstanceUID), "status": "ok",
-        "referenced_series_key": ctx.p.short("series", it.extra["ref_series"], "se-") if it.extra.get("ref_series") else "",
+        "series_instance_uid": str(ds.SeriesInstanceUID),
+        "status": "ok",
+        "referenced_series_key": ctx.p.short("series", it.extra["ref_series"], "se-")
+        if it.extra.get("ref_series")
+        else "",
         "referenced_object_key": ctx.p.short("sop", it.extra["ref_plan"], "ob-") if it.extra.get("ref_plan") else "",
     }
     if inst.modality == "RTSTRUCT":
@@ -383,10 +468,15 @@ def _rtdose_columns(it: _Item) -> dict:
     ds, inst = it.ds, it.inst
     return {
         "referenced_beam": referenced_beam_number(ds),
-        "rows": inst.rows, "columns": inst.columns, "n_slices": inst.number_of_frames,
-        "spacing_x": inst.pixel_spacing[1], "spacing_y": inst.pixel_spacing[0],
-        "origin_x": inst.image_position[0], "origin_y": inst.image_position[1],
-        "origin_z": inst.image_position[2], "orientation": _fmt(inst.image_orientation),
+        "rows": inst.rows,
+        "columns": inst.columns,
+        "n_slices": inst.number_of_frames,
+        "spacing_x": inst.pixel_spacing[1],
+        "spacing_y": inst.pixel_spacing[0],
+        "origin_x": inst.image_position[0],
+        "origin_y": inst.image_position[1],
+        "origin_z": inst.image_position[2],
+        "orientation": _fmt(inst.image_orientation),
         "dose_units": str(ds.get("DoseUnits", "") or ""),
         "dose_summation_type": str(ds.get("DoseSummationType", "") or ""),
         "dose_max": _dose_max(ds),
@@ -412,17 +502,32 @@ def _dicom_file_row(ctx: _Ctx, it: _Item, ds, patient_id: str) -> dict:
     ipp = inst.image_position or (None, None, None)
     ps = inst.pixel_spacing or (None, None)
     return {
-        "study_key": ctx.group.key, "patient_id": patient_id, "source": "dicom",
-        "modality": inst.modality, "sop_class_uid": inst.sop_class_uid,
-        "sop_instance_uid": str(ds.SOPInstanceUID), "series_key": it.extra["series_key"],
-        "object_key": it.extra["object_key"], "series_instance_uid": str(ds.SeriesInstanceUID),
+        "study_key": ctx.group.key,
+        "patient_id": patient_id,
+        "source": "dicom",
+        "modality": inst.modality,
+        "sop_class_uid": inst.sop_class_uid,
+        "sop_instance_uid": str(ds.SOPInstanceUID),
+        "series_key": it.extra["series_key"],
+        "object_key": it.extra["object_key"],
+        "series_instance_uid": str(ds.SeriesInstanceUID),
         "frame_of_reference_uid": str(ds.get("FrameOfReferenceUID", "") or ""),
-        "sequence": it.extra.get("sequence", ""), "roi_name": "",
-        "rows": inst.rows, "columns": inst.columns, "n_frames": inst.number_of_frames,
-        "pixel_spacing_x": ps[1], "pixel_spacing_y": ps[0], "slice_thickness": inst.slice_thickness,
-        "position_x": ipp[0], "position_y": ipp[1], "position_z": ipp[2],
-        "orientation": _fmt(inst.image_orientation), "stored_path": ctx.rel(dest), "sha256": sha,
-        "source_sha256": it.sha, "size_bytes": size,
+        "sequence": it.extra.get("sequence", ""),
+        "roi_name": "",
+        "rows": inst.rows,
+        "columns": inst.columns,
+        "n_frames": inst.number_of_frames,
+        "pixel_spacing_x": ps[1],
+        "pixel_spacing_y": ps[0],
+        "slice_thickness": inst.slice_thickness,
+        "position_x": ipp[0],
+        "position_y": ipp[1],
+        "position_z": ipp[2],
+        "orientation": _fmt(inst.image_orientation),
+        "stored_path": ctx.rel(dest),
+        "sha256": sha,
+        "source_sha256": it.sha,
+        "size_bytes": size,
     }
 
 
@@ -477,30 +582,64 @@ def _ingest_nifti(ctx: _Ctx) -> StudyIngest:
         keep.add(dest)
         sha = sha256_file(dest)
         key = ctx.p.short("series", f"{ctx.group.key}/{label}", "se-")
-        file_rows.append({
-            "study_key": ctx.group.key, "patient_id": patient_id, "source": "nifti",
-            "modality": "SEG" if label == "seg" else "MR", "series_key": key, "object_key": key,
-            "sequence": label, "rows": vol.array.shape[1], "columns": vol.array.shape[2],
-            "n_frames": vol.array.shape[0], "pixel_spacing_x": vol.spacing[0],
-            "pixel_spacing_y": vol.spacing[1], "slice_thickness": vol.spacing[2],
-            "position_x": vol.origin[0], "position_y": vol.origin[1], "position_z": vol.origin[2],
-            "orientation": _fmt(vol.direction[0::3] + vol.direction[1::3]),
-            "stored_path": ctx.rel(dest), "sha256": sha, "source_sha256": ctx.sha[ref.relpath],
-            "size_bytes": dest.stat().st_size,
-        })
-        series_rows.append({
-            "study_key": ctx.group.key, "patient_id": patient_id, "source": "nifti",
-            "series_key": key, "object_key": key, "modality": "SEG" if label == "seg" else "MR",
-            "sequence": label, "n_files": 1, "rows": vol.array.shape[1], "columns": vol.array.shape[2],
-            "n_slices": vol.array.shape[0], "spacing_x": vol.spacing[0], "spacing_y": vol.spacing[1],
-            "spacing_z": vol.spacing[2], "origin_x": vol.origin[0], "origin_y": vol.origin[1],
-            "origin_z": vol.origin[2], "orientation": _fmt(vol.direction), "status": "ok",
-        })
+        file_rows.append(
+            {
+                "study_key": ctx.group.key,
+                "patient_id": patient_id,
+                "source": "nifti",
+                "modality": "SEG" if label == "seg" else "MR",
+                "series_key": key,
+                "object_key": key,
+                "sequence": label,
+                "rows": vol.array.shape[1],
+                "columns": vol.array.shape[2],
+                "n_frames": vol.array.shape[0],
+                "pixel_spacing_x": vol.spacing[0],
+                "pixel_spacing_y": vol.spacing[1],
+                "slice_thickness": vol.spacing[2],
+                "position_x": vol.origin[0],
+                "position_y": vol.origin[1],
+                "position_z": vol.origin[2],
+                "orientation": _fmt(vol.direction[0::3] + vol.direction[1::3]),
+                "stored_path": ctx.rel(dest),
+                "sha256": sha,
+                "source_sha256": ctx.sha[ref.relpath],
+                "size_bytes": dest.stat().st_size,
+            }
+        )
+        series_rows.append(
+            {
+                "study_key": ctx.group.key,
+                "patient_id": patient_id,
+                "source": "nifti",
+                "series_key": key,
+                "object_key": key,
+                "modality": "SEG" if label == "seg" else "MR",
+                "sequence": label,
+                "n_files": 1,
+                "rows": vol.array.shape[1],
+                "columns": vol.array.shape[2],
+                "n_slices": vol.array.shape[0],
+                "spacing_x": vol.spacing[0],
+                "spacing_y": vol.spacing[1],
+                "spacing_z": vol.spacing[2],
+                "origin_x": vol.origin[0],
+                "origin_y": vol.origin[1],
+                "origin_z": vol.origin[2],
+                "orientation": _fmt(vol.direction),
+                "status": "ok",
+            }
+        )
     ctx.prune("nifti", keep)
     return StudyIngest(
-        study_key=ctx.group.key, source="nifti", patient_id=patient_id,
-        files=typed_frame(file_rows, FILE_COLUMNS), series=typed_frame(series_rows, SERIES_COLUMNS),
-        quarantined=ctx.records, files_seen=len(ctx.group.files), fingerprint_after=ctx.fingerprint_after(),
+        study_key=ctx.group.key,
+        source="nifti",
+        patient_id=patient_id,
+        files=typed_frame(file_rows, FILE_COLUMNS),
+        series=typed_frame(series_rows, SERIES_COLUMNS),
+        quarantined=ctx.records,
+        files_seen=len(ctx.group.files),
+        fingerprint_after=ctx.fingerprint_after(),
     )
 
 
@@ -531,8 +670,7 @@ def unpack_openkbp(path: str | os.PathLike):
     n = int(np.prod(SHAPE))
     with np.load(path, allow_pickle=False) as z:
         structures = {
-            str(name): np.unpackbits(z[f"roi_{name}"], count=n).astype(bool).reshape(SHAPE)
-            for name in z["roi_names"]
+            str(name): np.unpackbits(z[f"roi_{name}"], count=n).astype(bool).reshape(SHAPE) for name in z["roi_names"]
         }
         return OpenKBPPatient(
             ct_hu=z["ct_hu"],
@@ -557,9 +695,14 @@ def _ingest_openkbp(ctx: _Ctx, require_dose: bool) -> StudyIngest:
             ctx.reject(ref, exc.reason, exc.detail)
         ctx.prune("openkbp", set())
         return StudyIngest(
-            study_key=ctx.group.key, source="openkbp", patient_id=patient_id,
-            files=typed_frame([], FILE_COLUMNS), series=typed_frame([], SERIES_COLUMNS),
-            quarantined=ctx.records, files_seen=len(ctx.group.files), fingerprint_after=ctx.fingerprint_after(),
+            study_key=ctx.group.key,
+            source="openkbp",
+            patient_id=patient_id,
+            files=typed_frame([], FILE_COLUMNS),
+            series=typed_frame([], SERIES_COLUMNS),
+            quarantined=ctx.records,
+            files_seen=len(ctx.group.files),
+            fingerprint_after=ctx.fingerprint_after(),
         )
     dest = ctx.study_dir / "openkbp" / "patient.npz"
     data = save_npz_deterministic(dest, pack_openkbp_patient(patient))
@@ -570,31 +713,63 @@ def _ingest_openkbp(ctx: _Ctx, require_dose: bool) -> StudyIngest:
     file_rows = []
     for ref in ctx.group.files:
         logical = Path(ref.relpath).name.split(".")[0]
-        modality = {"ct": "CT", "dose": "RTDOSE", "voxel_dimensions": "META",
-                    "possible_dose_mask": "MASK"}.get(logical, "RTSTRUCT")
-        file_rows.append({
-            "study_key": ctx.group.key, "patient_id": patient_id, "source": "openkbp",
-            "modality": modality, "series_key": key, "object_key": f"{key}/{logical}",
-            "roi_name": logical if modality == "RTSTRUCT" else "",
-            "rows": 128, "columns": 128, "n_frames": 128,
-            "pixel_spacing_x": geom["spacing"][0], "pixel_spacing_y": geom["spacing"][1],
-            "slice_thickness": geom["spacing"][2], "stored_path": ctx.rel(dest), "sha256": sha,
-            "source_sha256": ctx.sha[ref.relpath], "size_bytes": len(data),
-        })
-    series_rows = [{
-        "study_key": ctx.group.key, "patient_id": patient_id, "source": "openkbp", "series_key": key,
-        "object_key": key, "modality": "CT", "n_files": len(ctx.group.files), "rows": 128, "columns": 128,
-        "n_slices": 128, "spacing_x": geom["spacing"][0], "spacing_y": geom["spacing"][1],
-        "spacing_z": geom["spacing"][2], "origin_x": geom["origin"][0], "origin_y": geom["origin"][1],
-        "origin_z": geom["origin"][2], "orientation": "1,0,0,0,1,0",
-        "roi_names": ",".join(sorted(patient.structures)), "n_rois": len(patient.structures),
-        "dose_units": "GY" if patient.dose is not None else "",
-        "dose_max": float(patient.dose.max()) if patient.dose is not None else float("nan"),
-        "status": "ok",
-    }]
+        modality = {"ct": "CT", "dose": "RTDOSE", "voxel_dimensions": "META", "possible_dose_mask": "MASK"}.get(
+            logical, "RTSTRUCT"
+        )
+        file_rows.append(
+            {
+                "study_key": ctx.group.key,
+                "patient_id": patient_id,
+                "source": "openkbp",
+                "modality": modality,
+                "series_key": key,
+                "object_key": f"{key}/{logical}",
+                "roi_name": logical if modality == "RTSTRUCT" else "",
+                "rows": 128,
+                "columns": 128,
+                "n_frames": 128,
+                "pixel_spacing_x": geom["spacing"][0],
+                "pixel_spacing_y": geom["spacing"][1],
+                "slice_thickness": geom["spacing"][2],
+                "stored_path": ctx.rel(dest),
+                "sha256": sha,
+                "source_sha256": ctx.sha[ref.relpath],
+                "size_bytes": len(data),
+            }
+        )
+    series_rows = [
+        {
+            "study_key": ctx.group.key,
+            "patient_id": patient_id,
+            "source": "openkbp",
+            "series_key": key,
+            "object_key": key,
+            "modality": "CT",
+            "n_files": len(ctx.group.files),
+            "rows": 128,
+            "columns": 128,
+            "n_slices": 128,
+            "spacing_x": geom["spacing"][0],
+            "spacing_y": geom["spacing"][1],
+            "spacing_z": geom["spacing"][2],
+            "origin_x": geom["origin"][0],
+            "origin_y": geom["origin"][1],
+            "origin_z": geom["origin"][2],
+            "orientation": "1,0,0,0,1,0",
+            "roi_names": ",".join(sorted(patient.structures)),
+            "n_rois": len(patient.structures),
+            "dose_units": "GY" if patient.dose is not None else "",
+            "dose_max": float(patient.dose.max()) if patient.dose is not None else float("nan"),
+            "status": "ok",
+        }
+    ]
     return StudyIngest(
-        study_key=ctx.group.key, source="openkbp", patient_id=patient_id,
+        study_key=ctx.group.key,
+        source="openkbp",
+        patient_id=patient_id,
         files=typed_frame(sorted(file_rows, key=lambda r: r["object_key"]), FILE_COLUMNS),
         series=typed_frame(series_rows, SERIES_COLUMNS),
-        quarantined=ctx.records, files_seen=len(ctx.group.files), fingerprint_after=ctx.fingerprint_after(),
+        quarantined=ctx.records,
+        files_seen=len(ctx.group.files),
+        fingerprint_after=ctx.fingerprint_after(),
     )

@@ -25,6 +25,16 @@ import numpy as np
 
 from ml.data.volume import Volume, resample_to, to_canonical
 
+__all__ = [
+    "REFERENCE_ORDER",
+    "SEQUENCES",
+    "coregister",
+    "foreground_mask",
+    "sequence_from_dicom",
+    "sequence_from_text",
+    "zscore",
+]
+
 SEQUENCES = ("t1", "t1c", "t2", "flair")
 REFERENCE_ORDER = ("t1c", "t1", "flair", "t2")
 
@@ -42,9 +52,8 @@ def sequence_from_text(text: str, has_contrast: bool = False) -> str | None:
         return "seg"
     if ts & {"flair", "fla", "t2f", "t2flair", "darkfluid"} or "flair" in joined:
         return "flair"
-    contrast = (
-        bool(ts & {"t1c", "t1ce", "t1gd", "t1post", "t1wce", "t1c+", "gad", "gd", "contrast", "mprage_gd"})
-        or ("post" in ts and bool(ts & {"t1", "t1w", "gad", "gd"}))
+    contrast = bool(ts & {"t1c", "t1ce", "t1gd", "t1post", "t1wce", "t1c+", "gad", "gd", "contrast", "mprage_gd"}) or (
+        "post" in ts and bool(ts & {"t1", "t1w", "gad", "gd"})
     )
     if contrast:
         return "t1c"
@@ -56,9 +65,7 @@ def sequence_from_text(text: str, has_contrast: bool = False) -> str | None:
 
 
 def sequence_from_dicom(ds) -> str | None:
-    text = " ".join(
-        str(ds.get(k, "") or "") for k in ("SeriesDescription", "ProtocolName", "SequenceName")
-    )
+    text = " ".join(str(ds.get(k, "") or "") for k in ("SeriesDescription", "ProtocolName", "SequenceName"))
     has_contrast = bool(str(ds.get("ContrastBolusAgent", "") or "").strip())
     label = sequence_from_text(text, has_contrast=has_contrast)
     if label is None:
@@ -105,12 +112,14 @@ def _register_rigid(fixed: Volume, moving: Volume, seed: int = 1234):
 def _apply(moving: Volume, reference: Volume, transform, nearest: bool) -> Volume:
     import SimpleITK as sitk
 
-    ref_img = Volume(np.zeros(reference.array.shape, np.uint8), reference.spacing, reference.origin,
-                     reference.direction).to_sitk()
+    ref_img = Volume(
+        np.zeros(reference.array.shape, np.uint8), reference.spacing, reference.origin, reference.direction
+    ).to_sitk()
     src = moving.array.astype(np.float32) if not nearest else moving.array
     m = Volume(src, moving.spacing, moving.origin, moving.direction).to_sitk()
-    out = sitk.Resample(m, ref_img, transform, sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear, 0.0,
-                        m.GetPixelID())
+    out = sitk.Resample(
+        m, ref_img, transform, sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear, 0.0, m.GetPixelID()
+    )
     return reference.with_array(sitk.GetArrayFromImage(out))
 
 
@@ -135,8 +144,12 @@ def coregister(volumes: dict[str, Volume], rigid: bool = True) -> tuple[dict[str
         if rigid and not nearest:
             transform, metric = _register_rigid(reference, vol)
             out[name] = _apply(vol, reference, transform, nearest=False)
-            report[name] = {"role": "moving", "registered": True, "metric": metric,
-                            "parameters": [float(p) for p in transform.GetParameters()]}
+            report[name] = {
+                "role": "moving",
+                "registered": True,
+                "metric": metric,
+                "parameters": [float(p) for p in transform.GetParameters()],
+            }
         else:
             out[name] = resample_to(vol, reference, interpolation="nearest" if nearest else "linear")
             report[name] = {"role": "moving", "registered": False, "reason": "world-coordinate resampling"}

@@ -26,6 +26,24 @@ import pandas as pd
 
 from ml.data.roi_names import OPENKBP_ROIS
 
+__all__ = [
+    "CT_OFFSET",
+    "N_VOXELS",
+    "REQUIRED_FILES",
+    "SHAPE",
+    "OpenKBPError",
+    "OpenKBPPatient",
+    "canonical_geometry",
+    "dense",
+    "from_canonical_array",
+    "list_patient_files",
+    "load_patient",
+    "read_sparse",
+    "read_voxel_dimensions",
+    "to_canonical_array",
+    "write_sparse",
+]
+
 SHAPE = (128, 128, 128)
 N_VOXELS = int(np.prod(SHAPE))
 CT_OFFSET = 1024  # stored value = HU + 1024

@@ -13,6 +13,17 @@ from pathlib import Path
 
 import pandas as pd
 
+__all__ = [
+    "DATE_LIKE",
+    "PATIENT_ID",
+    "REMAPPED_UID",
+    "STANDARD_UID",
+    "STUDY_KEY",
+    "UID_COLUMNS",
+    "dicom_phi_violations",
+    "table_phi_violations",
+]
+
 STUDY_KEY = re.compile(r"^(dcm|nii|kbp)-[0-9a-f]{16}$")
 PATIENT_ID = re.compile(r"^pt-[0-9a-f]{16}$")
 REMAPPED_UID = re.compile(r"^2\.25\.\d{1,39}$")

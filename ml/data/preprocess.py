@@ -32,13 +32,35 @@ from ml.data.volume import Volume, resample_spacing, resample_to, to_canonical, 
 from ml.utils.io import sha256_file
 from ml.utils.tables import typed_frame
 
+__all__ = ["MANIFEST_COLUMNS", "PreprocessConfig", "StudyVolumes", "empty_manifest", "grid_id", "preprocess_study"]
+
 MANIFEST_COLUMNS = {
-    "study_key": "str", "source": "str", "volume_key": "str", "kind": "str", "name": "str",
-    "path": "str", "dtype": "str", "shape_z": "int64", "shape_y": "int64", "shape_x": "int64",
-    "spacing_x": "float64", "spacing_y": "float64", "spacing_z": "float64",
-    "origin_x": "float64", "origin_y": "float64", "origin_z": "float64", "direction": "str",
-    "grid_id": "str", "reference_key": "str", "source_object": "str", "units": "str",
-    "vmin": "float64", "vmax": "float64", "vmean": "float64", "nonzero": "int64", "sha256": "str",
+    "study_key": "str",
+    "source": "str",
+    "volume_key": "str",
+    "kind": "str",
+    "name": "str",
+    "path": "str",
+    "dtype": "str",
+    "shape_z": "int64",
+    "shape_y": "int64",
+    "shape_x": "int64",
+    "spacing_x": "float64",
+    "spacing_y": "float64",
+    "spacing_z": "float64",
+    "origin_x": "float64",
+    "origin_y": "float64",
+    "origin_z": "float64",
+    "direction": "str",
+    "grid_id": "str",
+    "reference_key": "str",
+    "source_object": "str",
+    "units": "str",
+    "vmin": "float64",
+    "vmax": "float64",
+    "vmean": "float64",
+    "nonzero": "int64",
+    "sha256": "str",
 }
 
 
@@ -50,12 +72,14 @@ class PreprocessConfig:
 
 
 def grid_id(vol: Volume) -> str:
-    key = "|".join([
-        ",".join(str(n) for n in vol.array.shape),
-        ",".join(f"{s:.4f}" for s in vol.spacing),
-        ",".join(f"{o:.3f}" for o in vol.origin),
-        ",".join(f"{d:.5f}" for d in vol.direction),
-    ])
+    key = "|".join(
+        [
+            ",".join(str(n) for n in vol.array.shape),
+            ",".join(f"{s:.4f}" for s in vol.spacing),
+            ",".join(f"{o:.3f}" for o in vol.origin),
+            ",".join(f"{d:.5f}" for d in vol.direction),
+        ]
+    )
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -75,25 +99,51 @@ class _Writer:
         self.rows: list[dict] = []
         self.written: set[Path] = set()
 
-    def write(self, vol: Volume, relname: str, *, kind: str, name: str, reference_key: str,
-              source_object: str, units: str = "") -> Path:
+    def write(
+        self,
+        vol: Volume,
+        relname: str,
+        *,
+        kind: str,
+        name: str,
+        reference_key: str,
+        source_object: str,
+        units: str = "",
+    ) -> Path:
         path = self.root / relname
         write_nifti(vol, path, compresslevel=self.cfg.nifti_compresslevel)
         self.written.add(path)
         arr = vol.array
-        self.rows.append({
-            "study_key": self.study_key, "source": self.source,
-            "volume_key": relname.removesuffix(".nii.gz"), "kind": kind, "name": name,
-            "path": path.relative_to(self.lake_dir).as_posix(), "dtype": str(arr.dtype),
-            "shape_z": arr.shape[0], "shape_y": arr.shape[1], "shape_x": arr.shape[2],
-            "spacing_x": vol.spacing[0], "spacing_y": vol.spacing[1], "spacing_z": vol.spacing[2],
-            "origin_x": vol.origin[0], "origin_y": vol.origin[1], "origin_z": vol.origin[2],
-            "direction": ",".join(f"{d:.6g}" for d in vol.direction), "grid_id": grid_id(vol),
-            "reference_key": reference_key, "source_object": source_object, "units": units,
-            "vmin": float(arr.min()) if arr.size else 0.0, "vmax": float(arr.max()) if arr.size else 0.0,
-            "vmean": float(arr.mean(dtype=np.float64)) if arr.size else 0.0,
-            "nonzero": int(np.count_nonzero(arr)), "sha256": sha256_file(path),
-        })
+        self.rows.append(
+            {
+                "study_key": self.study_key,
+                "source": self.source,
+                "volume_key": relname.removesuffix(".nii.gz"),
+                "kind": kind,
+                "name": name,
+                "path": path.relative_to(self.lake_dir).as_posix(),
+                "dtype": str(arr.dtype),
+                "shape_z": arr.shape[0],
+                "shape_y": arr.shape[1],
+                "shape_x": arr.shape[2],
+                "spacing_x": vol.spacing[0],
+                "spacing_y": vol.spacing[1],
+                "spacing_z": vol.spacing[2],
+                "origin_x": vol.origin[0],
+                "origin_y": vol.origin[1],
+                "origin_z": vol.origin[2],
+                "direction": ",".join(f"{d:.6g}" for d in vol.direction),
+                "grid_id": grid_id(vol),
+                "reference_key": reference_key,
+                "source_object": source_object,
+                "units": units,
+                "vmin": float(arr.min()) if arr.size else 0.0,
+                "vmax": float(arr.max()) if arr.size else 0.0,
+                "vmean": float(arr.mean(dtype=np.float64)) if arr.size else 0.0,
+                "nonzero": int(np.count_nonzero(arr)),
+                "sha256": sha256_file(path),
+            }
+        )
         return path
 
     def prune(self) -> None:
@@ -113,8 +163,14 @@ def empty_manifest() -> pd.DataFrame:
     return typed_frame([], MANIFEST_COLUMNS)
 
 
-def preprocess_study(study_key: str, source: str, files: pd.DataFrame, series: pd.DataFrame,
-                     lake_dir: str | os.PathLike, cfg: PreprocessConfig | None = None) -> StudyVolumes:
+def preprocess_study(
+    study_key: str,
+    source: str,
+    files: pd.DataFrame,
+    series: pd.DataFrame,
+    lake_dir: str | os.PathLike,
+    cfg: PreprocessConfig | None = None,
+) -> StudyVolumes:
     cfg = cfg or PreprocessConfig()
     lake_dir = Path(lake_dir)
     w = _Writer(lake_dir, study_key, source, cfg)
@@ -136,13 +192,13 @@ def _paths(lake_dir: Path, files: pd.DataFrame, mask) -> list[Path]:
 
 
 def _dicom(w: _Writer, files: pd.DataFrame, series: pd.DataFrame, preview: dict) -> None:
+    import pydicom
+
     from ml.data.dicom.headers import quiet_pydicom
     from ml.data.dicom.rtdose import read_dose
     from ml.data.dicom.rtstruct import rasterize_rtstruct
     from ml.data.dicom.series import load_series_volume
     from ml.data.roi_names import CANONICAL
-
-    import pydicom
 
     lake = w.lake_dir
     cts = series[series["modality"] == "CT"].sort_values("series_key")
@@ -153,8 +209,9 @@ def _dicom(w: _Writer, files: pd.DataFrame, series: pd.DataFrame, preview: dict)
         if w.cfg.ct_spacing_mm:
             vol = resample_spacing(vol, w.cfg.ct_spacing_mm, default_value=-1024.0)
         ct = vol.with_array(np.clip(np.rint(vol.array), -32768, 32767).astype(np.int16))
-        w.write(ct, f"{skey}/ct.nii.gz", kind="ct", name="CT", reference_key=f"{skey}/ct",
-                source_object=skey, units="HU")
+        w.write(
+            ct, f"{skey}/ct.nii.gz", kind="ct", name="CT", reference_key=f"{skey}/ct", source_object=skey, units="HU"
+        )
         masks: dict[str, np.ndarray] = {}
         structs = series[(series["modality"] == "RTSTRUCT") & (series["referenced_series_key"] == skey)]
         for _, st in structs.sort_values("object_key").iterrows():
@@ -166,8 +223,14 @@ def _dicom(w: _Writer, files: pd.DataFrame, series: pd.DataFrame, preview: dict)
                 if name in masks:
                     continue  # first structure set (by key) wins; later ones are duplicates
                 masks[name] = mask
-                w.write(ct.with_array(mask.astype(np.uint8)), f"{skey}/mask_{name}.nii.gz", kind="mask",
-                        name=name, reference_key=f"{skey}/ct", source_object=st["object_key"])
+                w.write(
+                    ct.with_array(mask.astype(np.uint8)),
+                    f"{skey}/mask_{name}.nii.gz",
+                    kind="mask",
+                    name=name,
+                    reference_key=f"{skey}/ct",
+                    source_object=st["object_key"],
+                )
         doses = series[(series["modality"] == "RTDOSE") & (series["referenced_series_key"] == skey)]
         dose_preview = None
         for _, dr in doses.sort_values("object_key").iterrows():
@@ -175,13 +238,19 @@ def _dicom(w: _Writer, files: pd.DataFrame, series: pd.DataFrame, preview: dict)
             with quiet_pydicom():
                 ds = pydicom.dcmread(path)
             dose = read_dose(ds, path)
-            on_ct = resample_to(to_canonical(dose), ct, interpolation="linear", default_value=0.0,
-                                dtype=np.float32)
+            on_ct = resample_to(to_canonical(dose), ct, interpolation="linear", default_value=0.0, dtype=np.float32)
             on_ct = on_ct.with_array(np.maximum(on_ct.array, 0).astype(np.float32))
             kind_name = (dose.meta.get("dose_summation_type") or "dose").lower()
             units = "Gy" if dose.meta.get("dose_units", "").upper() == "GY" else dose.meta.get("dose_units", "")
-            w.write(on_ct, f"{skey}/dose_{kind_name}_{dr['object_key']}.nii.gz", kind="dose", name=kind_name.upper(),
-                    reference_key=f"{skey}/ct", source_object=dr["object_key"], units=units)
+            w.write(
+                on_ct,
+                f"{skey}/dose_{kind_name}_{dr['object_key']}.nii.gz",
+                kind="dose",
+                name=kind_name.upper(),
+                reference_key=f"{skey}/ct",
+                source_object=dr["object_key"],
+                units=units,
+            )
             if dose_preview is None or kind_name == "plan":
                 dose_preview = on_ct.array
         if not preview:
@@ -214,15 +283,33 @@ def _write_mri(w: _Writer, vols: dict[str, Volume], preview: dict, source_object
     brain = foreground_mask(aligned[ref_name].array)
     for seq, vol in sorted(aligned.items()):
         if seq == "seg":
-            w.write(vol.with_array(vol.array.astype(np.uint8)), "seg.nii.gz", kind="seg", name="seg",
-                    reference_key=f"mr_{ref_name}", source_object=source_object)
+            w.write(
+                vol.with_array(vol.array.astype(np.uint8)),
+                "seg.nii.gz",
+                kind="seg",
+                name="seg",
+                reference_key=f"mr_{ref_name}",
+                source_object=source_object,
+            )
             continue
-        norm, mean, std = zscore(vol.array.astype(np.float32), brain)
-        w.write(vol.with_array(norm), f"mr_{seq}.nii.gz", kind="mr", name=seq,
-                reference_key=f"mr_{ref_name}", source_object=source_object, units="z-score")
-    preview.update({"mr": {k: v.array for k, v in aligned.items() if k != "seg"},
-                    "seg": aligned["seg"].array if "seg" in aligned else None,
-                    "spacing": aligned[ref_name].spacing, "registration": report})
+        norm, _mean, _std = zscore(vol.array.astype(np.float32), brain)
+        w.write(
+            vol.with_array(norm),
+            f"mr_{seq}.nii.gz",
+            kind="mr",
+            name=seq,
+            reference_key=f"mr_{ref_name}",
+            source_object=source_object,
+            units="z-score",
+        )
+    preview.update(
+        {
+            "mr": {k: v.array for k, v in aligned.items() if k != "seg"},
+            "seg": aligned["seg"].array if "seg" in aligned else None,
+            "spacing": aligned[ref_name].spacing,
+            "registration": report,
+        }
+    )
 
 
 def _openkbp(w: _Writer, files: pd.DataFrame, preview: dict) -> None:
@@ -240,20 +327,32 @@ def _openkbp(w: _Writer, files: pd.DataFrame, preview: dict) -> None:
         return Volume(to_canonical_array(arr), geom["spacing"], geom["origin"])
 
     ct = vol(patient.ct_hu)
-    w.write(ct, f"{skey}/ct.nii.gz", kind="ct", name="CT", reference_key=f"{skey}/ct",
-            source_object=skey, units="HU")
-    w.write(vol(patient.possible_dose_mask.astype(np.uint8)), f"{skey}/possible_dose_mask.nii.gz",
-            kind="pdm", name="possible_dose_mask", reference_key=f"{skey}/ct", source_object=skey)
+    w.write(ct, f"{skey}/ct.nii.gz", kind="ct", name="CT", reference_key=f"{skey}/ct", source_object=skey, units="HU")
+    w.write(
+        vol(patient.possible_dose_mask.astype(np.uint8)),
+        f"{skey}/possible_dose_mask.nii.gz",
+        kind="pdm",
+        name="possible_dose_mask",
+        reference_key=f"{skey}/ct",
+        source_object=skey,
+    )
     dose = None
     if patient.dose is not None:
         dose = vol(patient.dose)
-        w.write(dose, f"{skey}/dose_plan.nii.gz", kind="dose", name="PLAN", reference_key=f"{skey}/ct",
-                source_object=skey, units="Gy")
+        w.write(
+            dose,
+            f"{skey}/dose_plan.nii.gz",
+            kind="dose",
+            name="PLAN",
+            reference_key=f"{skey}/ct",
+            source_object=skey,
+            units="Gy",
+        )
     masks = {}
     for name, mask in sorted(patient.structures.items()):
         m = vol(mask.astype(np.uint8))
         masks[name] = m.array.astype(bool)
-        w.write(m, f"{skey}/mask_{name}.nii.gz", kind="mask", name=name, reference_key=f"{skey}/ct",
-                source_object=skey)
-    preview.update({"ct": ct.array, "masks": masks, "dose": dose.array if dose is not None else None,
-                    "spacing": ct.spacing})
+        w.write(m, f"{skey}/mask_{name}.nii.gz", kind="mask", name=name, reference_key=f"{skey}/ct", source_object=skey)
+    preview.update(
+        {"ct": ct.array, "masks": masks, "dose": dose.array if dose is not None else None, "spacing": ct.spacing}
+    )

@@ -26,9 +26,18 @@ import pandas as pd
 from ml.data.dicom.headers import REASONS
 from ml.utils.io import atomic_path, atomic_write_json, sha256_file, write_parquet_atomic
 
+__all__ = ["QUARANTINE_COLUMNS", "Quarantine", "QuarantineRecord", "read_log", "records_frame", "utc_now", "write_log"]
+
 QUARANTINE_COLUMNS = [
-    "study_key", "sha256", "size_bytes", "reason", "detail", "source", "action",
-    "quarantine_ref", "quarantined_at",
+    "study_key",
+    "sha256",
+    "size_bytes",
+    "reason",
+    "detail",
+    "source",
+    "action",
+    "quarantine_ref",
+    "quarantined_at",
 ]
 
 
@@ -100,8 +109,15 @@ class Quarantine:
             src.unlink()
             action = "moved"
         return QuarantineRecord(
-            study_key=study_key, sha256=digest, size_bytes=size, reason=reason, detail=detail,
-            source=source, action=action, quarantine_ref=ref, quarantined_at=now,
+            study_key=study_key,
+            sha256=digest,
+            size_bytes=size,
+            reason=reason,
+            detail=detail,
+            source=source,
+            action=action,
+            quarantine_ref=ref,
+            quarantined_at=now,
         )
 
 

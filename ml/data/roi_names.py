@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import re
 
+__all__ = ["BODY", "CANONICAL", "OARS", "OPENKBP_ROIS", "TARGETS", "canonical_roi_name", "swap_left_right"]
+
 OARS = ("Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx", "Mandible")
 TARGETS = ("PTV56", "PTV63", "PTV70")
 OPENKBP_ROIS = OARS + TARGETS
@@ -40,7 +42,7 @@ def canonical_roi_name(name: str) -> str | None:
         dose = float(m.group(1).replace(",", "."))
         if dose > 200:  # cGy
             dose /= 100.0
-        return f"PTV{int(round(dose))}"
+        return f"PTV{round(dose)}"
     if compact in {"brainstem", "bs", "brainstm", "truncuscerebri"}:
         return "Brainstem"
     if compact in {"spinalcord", "cord", "spinal", "medulla", "myelon", "spinalcanal"}:
@@ -53,9 +55,23 @@ def canonical_roi_name(name: str) -> str | None:
         return "Mandible"
     if "parotid" in compact:
         spaced = re.sub(r"parotid", " ", n.replace("_", " ").replace("-", " "))
-        if compact in {"leftparotid", "parotidleft", "lparotid", "parotidl", "ltparotid", "parotidlt"} or _SIDE_L.search(spaced):
+        if compact in {
+            "leftparotid",
+            "parotidleft",
+            "lparotid",
+            "parotidl",
+            "ltparotid",
+            "parotidlt",
+        } or _SIDE_L.search(spaced):
             return "LeftParotid"
-        if compact in {"rightparotid", "parotidright", "rparotid", "parotidr", "rtparotid", "parotidrt"} or _SIDE_R.search(spaced):
+        if compact in {
+            "rightparotid",
+            "parotidright",
+            "rparotid",
+            "parotidr",
+            "rtparotid",
+            "parotidrt",
+        } or _SIDE_R.search(spaced):
             return "RightParotid"
     return None
 

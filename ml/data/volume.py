@@ -29,6 +29,17 @@ import numpy as np
 
 from ml.utils.io import atomic_write_bytes, gzip_bytes
 
+__all__ = [
+    "Volume",
+    "is_axis_aligned",
+    "nifti_to_volume",
+    "read_nifti",
+    "resample_spacing",
+    "resample_to",
+    "to_canonical",
+    "write_nifti",
+]
+
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
@@ -167,8 +178,12 @@ def to_canonical(volume: Volume) -> Volume:
 def _resample_oblique_to_canonical(volume: Volume) -> Volume:
     """Resample an oblique volume onto the axis-aligned bounding grid (linear)."""
     corners = np.array(
-        [[i, j, k] for i in (0, volume.shape_xyz[0] - 1) for j in (0, volume.shape_xyz[1] - 1)
-         for k in (0, volume.shape_xyz[2] - 1)],
+        [
+            [i, j, k]
+            for i in (0, volume.shape_xyz[0] - 1)
+            for j in (0, volume.shape_xyz[1] - 1)
+            for k in (0, volume.shape_xyz[2] - 1)
+        ],
         dtype=float,
     )
     world = volume.index_to_world(corners)
@@ -206,7 +221,9 @@ def resample_to(
         src = src.astype(np.uint8)
     moving = Volume(src, volume.spacing, volume.origin, volume.direction).to_sitk()
     ref_img = Volume(
-        np.zeros(reference.array.shape, dtype=np.uint8), reference.spacing, reference.origin,
+        np.zeros(reference.array.shape, dtype=np.uint8),
+        reference.spacing,
+        reference.origin,
         reference.direction,
     ).to_sitk()
     out_type = moving.GetPixelID()
@@ -221,16 +238,15 @@ def resample_to(
     return reference.with_array(arr)
 
 
-def resample_spacing(volume: Volume, spacing: tuple[float, float, float], interpolation: str = "linear",
-                     default_value: float = 0.0) -> Volume:
+def resample_spacing(
+    volume: Volume, spacing: tuple[float, float, float], interpolation: str = "linear", default_value: float = 0.0
+) -> Volume:
     """Resample onto a grid with the same origin/direction and extent but new spacing."""
     if np.allclose(volume.spacing, spacing, atol=1e-4):
         return volume
     extent = np.asarray(volume.shape_xyz) * np.asarray(volume.spacing)
     shape_xyz = np.maximum(1, np.round(extent / np.asarray(spacing)).astype(int))
-    ref = Volume(
-        np.zeros(tuple(shape_xyz[::-1]), dtype=np.uint8), spacing, volume.origin, volume.direction
-    )
+    ref = Volume(np.zeros(tuple(shape_xyz[::-1]), dtype=np.uint8), spacing, volume.origin, volume.direction)
     return resample_to(volume, ref, interpolation=interpolation, default_value=default_value)
 
 

@@ -42,6 +42,8 @@ from typing import Literal
 
 import numpy as np
 
+__all__ = ["dice", "hausdorff", "hd95", "surface", "surface_distances"]
+
 Reduction = Literal["max", "pooled", "directed"]
 
 
@@ -151,8 +153,6 @@ def hausdorff(
     raise ValueError(f"unknown reduction {reduction!r}")
 
 
-def hd95(
-    a: np.ndarray, b: np.ndarray, spacing: Sequence[float] | float = 1.0, reduction: Reduction = "max"
-) -> float:
+def hd95(a: np.ndarray, b: np.ndarray, spacing: Sequence[float] | float = 1.0, reduction: Reduction = "max") -> float:
     """95th-percentile symmetric Hausdorff distance in mm (``hausdorff(..., percentile=95)``)."""
     return hausdorff(a, b, spacing, percentile=95.0, reduction=reduction)

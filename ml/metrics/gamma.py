@@ -161,8 +161,16 @@ def _shell_points(distance: float, step: float, ndim: int) -> np.ndarray:
     pts = []
     for phi, amount in zip(elevation, amount_in_row, strict=True):
         azimuth = np.linspace(0, 2 * np.pi, amount + 1)[:-1]
-        pts.append(np.stack([distance * np.sin(phi) * np.cos(azimuth), distance * np.sin(phi) * np.sin(azimuth),
-                             distance * np.cos(phi) * np.ones_like(azimuth)], 1))
+        pts.append(
+            np.stack(
+                [
+                    distance * np.sin(phi) * np.cos(azimuth),
+                    distance * np.sin(phi) * np.sin(azimuth),
+                    distance * np.cos(phi) * np.ones_like(azimuth),
+                ],
+                1,
+            )
+        )
     return np.concatenate(pts)
 
 
@@ -185,7 +193,7 @@ def _assign_tiles(u: np.ndarray, layout: _Layout) -> np.ndarray | None:
     for i in np.flatnonzero(flexible.any(1)):
         free = np.flatnonzero(flexible[i])
         best = None
-        for bits in range(2 ** free.size):
+        for bits in range(2**free.size):
             t = low[i].copy()
             for j, a in enumerate(free):
                 t[a] = v[i, a] - 1 if bits >> j & 1 else v[i, a]
@@ -215,7 +223,7 @@ def _block_weights(u: np.ndarray, tiles: np.ndarray, layout: _Layout, groups: np
             b = np.clip(np.floor(u[ids, a]), lo[a], lo[a] + layout.tile[a] - 1)
             frac.append(u[ids, a] - b)
             base.append((b - lo[a]).astype(np.int64))
-        for corner in range(2 ** ndim):
+        for corner in range(2**ndim):
             node = np.zeros(ids.size, dtype=np.int64)
             wt = np.ones(ids.size)
             for a in range(ndim):
@@ -224,7 +232,7 @@ def _block_weights(u: np.ndarray, tiles: np.ndarray, layout: _Layout, groups: np
                 wt *= frac[a] if up else 1.0 - frac[a]
             np.add.at(w[gi], (node, cols), wt)
         w[gi, n_nodes, cols] = 1.0
-        w[gi, n_nodes + 1, ids.size:] = 1.0
+        w[gi, n_nodes + 1, ids.size :] = 1.0
     return w
 
 
@@ -249,21 +257,25 @@ def _snap(p_mm: np.ndarray, spacing: np.ndarray, shape: tuple[int, ...]) -> np.n
 
 
 @lru_cache(maxsize=32)
-def _build_plan(ndim: int, dta_mm: float, interp_fraction: int, max_gamma: float,
-                spacing: tuple[float, ...], shape: tuple[int, ...]) -> _Plan:
+def _build_plan(
+    ndim: int, dta_mm: float, interp_fraction: int, max_gamma: float, spacing: tuple[float, ...], shape: tuple[int, ...]
+) -> _Plan:
     shells = _search_radii(dta_mm, interp_fraction, max_gamma)
     sp = np.asarray(spacing)
     pts = [_snap(_shell_points(d, st, ndim), sp, shape) for d, st in shells]  # offsets in voxels
     # reach per axis (snapped offsets are exact integers, or nudged just past one by _EDGE)
-    k = tuple(max(1, int(math.ceil(max(np.abs(p[:, a]).max() for p in pts)))) for a in range(ndim))
-    layouts = [_Layout((2,) * ndim, (-1,) * ndim, (1,) * ndim),  # the 3^ndim voxels around the point
-               _Layout(k, tuple(-ka for ka in k), (2,) * ndim)]  # orthants
+    k = tuple(max(1, math.ceil(max(np.abs(p[:, a]).max() for p in pts))) for a in range(ndim))
+    layouts = [
+        _Layout((2,) * ndim, (-1,) * ndim, (1,) * ndim),  # the 3^ndim voxels around the point
+        _Layout(k, tuple(-ka for ka in k), (2,) * ndim),
+    ]  # orthants
     if np.prod([ka + 1 for ka in k]) > 64:  # fine grids: smaller tiles
         tile = tuple(min(ka, 2) for ka in k)
         n = tuple(2 * math.ceil(ka / t) for ka, t in zip(k, tile, strict=True))
         layouts.append(_Layout(tile, tuple(-t * m // 2 for t, m in zip(tile, n, strict=True)), n))
-    pad = tuple(max(max(-lay.origin[a], lay.origin[a] + lay.tile[a] * lay.n_tiles[a]) for lay in layouts)
-                for a in range(ndim))
+    pad = tuple(
+        max(max(-lay.origin[a], lay.origin[a] + lay.tile[a] * lay.n_tiles[a]) for lay in layouts) for a in range(ndim)
+    )
     blocks = []
     first = 0  # layouts are opened in order (their patches are gathered on first use, then kept)
     for s, ((distance, _), u) in enumerate(zip(shells, pts, strict=True)):
@@ -283,8 +295,16 @@ def _build_plan(ndim: int, dta_mm: float, interp_fraction: int, max_gamma: float
         first = li
         w = _block_weights(u, tiles, layouts[li], groups)
         next_d2 = (shells[s + 1][0] / dta_mm) ** 2 if s + 1 < len(shells) else math.inf
-        blocks.append(_Block(layout=li, groups=None if groups.size == layouts[li].groups else groups, weights=w,
-                             dist_term=(distance / dta_mm) ** 2, done_below=next_d2, n_offsets=len(u)))
+        blocks.append(
+            _Block(
+                layout=li,
+                groups=None if groups.size == layouts[li].groups else groups,
+                weights=w,
+                dist_term=(distance / dta_mm) ** 2,
+                done_below=next_d2,
+                n_offsets=len(u),
+            )
+        )
     return _Plan(pad=pad, layouts=tuple(layouts), blocks=tuple(blocks))
 
 
@@ -351,15 +371,19 @@ def _patches(ev_pad, coords, layout: _Layout, pad: tuple[int, ...]):
         elem_strides = tuple(st // ev_pad.itemsize for st in ev_pad.strides)
     shape = tuple(n - 2 * p for n, p in zip(ev_pad.shape, pad, strict=True))
     size = shape + tuple(layout.n_tiles) + tuple(t + 1 for t in layout.tile)
-    stride = (tuple(elem_strides) + tuple(t * st for t, st in zip(layout.tile, elem_strides, strict=True))
-              + tuple(elem_strides))
+    stride = (
+        tuple(elem_strides)
+        + tuple(t * st for t, st in zip(layout.tile, elem_strides, strict=True))
+        + tuple(elem_strides)
+    )
     offset = sum((p + o) * st for p, o, st in zip(pad, layout.origin, elem_strides, strict=True))
     n = coords[0].shape[0]
     if isinstance(ev_pad, torch.Tensor):
         view = torch.as_strided(ev_pad, size, stride, offset)
     else:
-        view = np.lib.stride_tricks.as_strided(ev_pad.reshape(-1)[offset:], size,
-                                               tuple(st * ev_pad.itemsize for st in stride), writeable=False)
+        view = np.lib.stride_tricks.as_strided(
+            ev_pad.reshape(-1)[offset:], size, tuple(st * ev_pad.itemsize for st in stride), writeable=False
+        )
     return view[tuple(coords)].reshape(n, layout.groups, layout.nodes)
 
 
@@ -380,8 +404,10 @@ def _validate(reference, evaluated, spacing_mm, dose_percent, dta_mm, interp_fra
     if int(interp_fraction) != interp_fraction or interp_fraction < 1:
         raise ValueError("interp_fraction must be a positive integer")
     if not (math.isfinite(float(max_gamma)) and float(max_gamma) > 1):
-        raise ValueError("max_gamma must be finite and > 1 (it sets the search radius max_gamma * dta; "
-                         "values above it are reported as max_gamma)")
+        raise ValueError(
+            "max_gamma must be finite and > 1 (it sets the search radius max_gamma * dta; "
+            "values above it are reported as max_gamma)"
+        )
     return ref, ev, sp
 
 
@@ -412,20 +438,56 @@ def _torch_threads(n: int | None):
                 torch.set_num_threads(_threads_state["saved"])
 
 
-def _gamma_squared(reference, evaluated, spacing_mm, dose_percent, dta_mm, lower_cutoff_percent, local,
-                   max_gamma, interp_fraction, global_normalisation, device, pass_only: bool,
-                   num_threads: int | None = 1):
+def _gamma_squared(
+    reference,
+    evaluated,
+    spacing_mm,
+    dose_percent,
+    dta_mm,
+    lower_cutoff_percent,
+    local,
+    max_gamma,
+    interp_fraction,
+    global_normalisation,
+    device,
+    pass_only: bool,
+    num_threads: int | None = 1,
+):
     """(mask of the computed points, their best gamma^2 as float64), both numpy."""
     if num_threads is not None and (int(num_threads) != num_threads or num_threads < 1):
         raise ValueError("num_threads must be a positive integer or None")
     on_cpu = _resolve_device(device, reference, evaluated).type == "cpu"
     with _torch_threads(num_threads if on_cpu else None):
-        return _gamma_squared_impl(reference, evaluated, spacing_mm, dose_percent, dta_mm, lower_cutoff_percent,
-                                   local, max_gamma, interp_fraction, global_normalisation, device, pass_only)
+        return _gamma_squared_impl(
+            reference,
+            evaluated,
+            spacing_mm,
+            dose_percent,
+            dta_mm,
+            lower_cutoff_percent,
+            local,
+            max_gamma,
+            interp_fraction,
+            global_normalisation,
+            device,
+            pass_only,
+        )
 
 
-def _gamma_squared_impl(reference, evaluated, spacing_mm, dose_percent, dta_mm, lower_cutoff_percent, local,
-                        max_gamma, interp_fraction, global_normalisation, device, pass_only: bool):
+def _gamma_squared_impl(
+    reference,
+    evaluated,
+    spacing_mm,
+    dose_percent,
+    dta_mm,
+    lower_cutoff_percent,
+    local,
+    max_gamma,
+    interp_fraction,
+    global_normalisation,
+    device,
+    pass_only: bool,
+):
     dev = _resolve_device(device, reference, evaluated)
     ref, ev, sp = _validate(reference, evaluated, spacing_mm, dose_percent, dta_mm, interp_fraction, max_gamma)
     dose_percent, dta_mm, interp_fraction = float(dose_percent), float(dta_mm), int(interp_fraction)
@@ -442,8 +504,9 @@ def _gamma_squared_impl(reference, evaluated, spacing_mm, dose_percent, dta_mm, 
     if n_points == 0:
         return mask, best_all
 
-    plan = _build_plan(ref.ndim, dta_mm, interp_fraction, 1.0 if pass_only else float(max_gamma), sp,
-                       tuple(int(n) for n in ref.shape))
+    plan = _build_plan(
+        ref.ndim, dta_mm, interp_fraction, 1.0 if pass_only else float(max_gamma), sp, tuple(int(n) for n in ref.shape)
+    )
     dtype = _compute_dtype(dev)
     np_dtype = np.float32 if dtype == torch.float32 else np.float64
     ref_vals = ref[coords].astype(np.float64)
@@ -455,8 +518,16 @@ def _gamma_squared_impl(reference, evaluated, spacing_mm, dose_percent, dta_mm, 
     use_torch = _gather_with_torch(dev)
     if use_torch:
         ev_pad = torch.from_numpy(ev_pad).to(dev)
-    blocks = [(b.layout, None if b.groups is None else torch.from_numpy(b.groups).to(dev),
-               torch.from_numpy(b.weights).to(dev, dtype), b.dist_term, b.done_below) for b in plan.blocks]
+    blocks = [
+        (
+            b.layout,
+            None if b.groups is None else torch.from_numpy(b.groups).to(dev),
+            torch.from_numpy(b.weights).to(dev, dtype),
+            b.dist_term,
+            b.done_below,
+        )
+        for b in plan.blocks
+    ]
     last_use = {b.layout: i for i, b in enumerate(plan.blocks)}
     on_cpu = dev.type == "cpu"
     target = (1 << 20) if on_cpu else (1 << 26)  # elements of one bmm output (CPU: about L2-sized)
@@ -474,19 +545,19 @@ def _gamma_squared_impl(reference, evaluated, spacing_mm, dose_percent, dta_mm, 
         scale = torch.from_numpy(inv_dd[start:stop]).to(dev, dtype)
         minus_ref = torch.from_numpy(-ref_vals[start:stop]).to(dev, dtype) * (scale if local else scale[0])
 
-        def build(li: int, rows):
+        def build(li: int, rows):  # called only inside this chunk's iteration (B023 below is intended)
             """Patches of layout ``li`` for chunk rows ``rows`` (None: all), gathered on first use."""
             lay = plan.layouts[li]
             if rows is None:
-                cc, sc, mr = c, scale, minus_ref
+                cc, sc, mr = c, scale, minus_ref  # noqa: B023
             else:
                 r_idx = rows if use_torch else rows.cpu().numpy()
-                cc, sc, mr = tuple(x[r_idx] for x in c), scale[rows], minus_ref[rows]
+                cc, sc, mr = tuple(x[r_idx] for x in c), scale[rows], minus_ref[rows]  # noqa: B023
             vals = _patches(ev_pad, cc, lay, plan.pad)
             p = torch.empty((vals.shape[0], lay.groups, lay.nodes + 2), dtype=dtype, device=dev)
-            p[:, :, :lay.nodes] = vals if use_torch else torch.from_numpy(vals).to(dev)
+            p[:, :, : lay.nodes] = vals if use_torch else torch.from_numpy(vals).to(dev)
             if local:
-                p[:, :, :lay.nodes] *= sc[:, None, None]
+                p[:, :, : lay.nodes] *= sc[:, None, None]
                 torch.nan_to_num_(p, nan=_BIG)
             p[:, :, lay.nodes] = mr[:, None]  # x 1 for every real offset: (D_e - D_r) / dD
             p[:, :, lay.nodes + 1] = _BIG  # x 1 for padding columns only
@@ -503,7 +574,7 @@ def _gamma_squared_impl(reference, evaluated, spacing_mm, dose_percent, dta_mm, 
             g_b, _, width = w.shape
             step = max(1, target // (g_b * width))
             for s0 in range(0, p.shape[0], step):
-                a = p[s0:s0 + step]
+                a = p[s0 : s0 + step]
                 if groups is not None:
                     a = a.index_select(1, groups)
                 d = torch.bmm(a.transpose(0, 1), w)  # (D_e - D_r) / dD at every offset
@@ -514,7 +585,7 @@ def _gamma_squared_impl(reference, evaluated, spacing_mm, dose_percent, dta_mm, 
                 m = m.to(torch.float64)
                 m.square_()
                 m += dist_term
-                seg = cur[s0:s0 + step]
+                seg = cur[s0 : s0 + step]
                 torch.minimum(seg, m, out=seg)
             still = cur > done_below  # the next shells are too far to improve the others
             if pass_only:
@@ -541,10 +612,20 @@ def _gamma_squared_impl(reference, evaluated, spacing_mm, dose_percent, dta_mm, 
 # --------------------------------------------------------------------------------------------
 
 
-def gamma_map(reference, evaluated, spacing_mm, dose_percent: float, dta_mm: float,
-              lower_cutoff_percent: float = 10.0, local: bool = False, max_gamma: float = 2.0,
-              interp_fraction: int = 10, global_normalisation: float | None = None,
-              device: str | None = None, num_threads: int | None = 1) -> np.ndarray:
+def gamma_map(
+    reference,
+    evaluated,
+    spacing_mm,
+    dose_percent: float,
+    dta_mm: float,
+    lower_cutoff_percent: float = 10.0,
+    local: bool = False,
+    max_gamma: float = 2.0,
+    interp_fraction: int = 10,
+    global_normalisation: float | None = None,
+    device: str | None = None,
+    num_threads: int | None = 1,
+) -> np.ndarray:
     """Gamma index of ``evaluated`` against ``reference`` at every reference point.
 
     Parameters
@@ -583,16 +664,36 @@ def gamma_map(reference, evaluated, spacing_mm, dose_percent: float, dta_mm: flo
     -------
     numpy.ndarray (float64, shape of ``reference``): gamma, NaN below the cutoff.
     """
-    mask, best2 = _gamma_squared(reference, evaluated, spacing_mm, dose_percent, dta_mm, lower_cutoff_percent,
-                                 local, max_gamma, interp_fraction, global_normalisation, device, pass_only=False,
-                                 num_threads=num_threads)
+    mask, best2 = _gamma_squared(
+        reference,
+        evaluated,
+        spacing_mm,
+        dose_percent,
+        dta_mm,
+        lower_cutoff_percent,
+        local,
+        max_gamma,
+        interp_fraction,
+        global_normalisation,
+        device,
+        pass_only=False,
+        num_threads=num_threads,
+    )
     out = np.full(mask.shape, np.nan)
     out[mask] = np.minimum(np.sqrt(best2), float(max_gamma))
     return out
 
 
-def gamma_pass_rate(reference, evaluated, spacing_mm, dose_percent: float, dta_mm: float,
-                    lower_cutoff_percent: float = 10.0, local: bool = False, **kwargs) -> float:
+def gamma_pass_rate(
+    reference,
+    evaluated,
+    spacing_mm,
+    dose_percent: float,
+    dta_mm: float,
+    lower_cutoff_percent: float = 10.0,
+    local: bool = False,
+    **kwargs,
+) -> float:
     """Percentage of reference points above the cutoff with gamma <= 1 (NaN if there are none).
 
     Same conventions and keyword arguments as :func:`gamma_map` (``max_gamma``,
@@ -607,9 +708,21 @@ def gamma_pass_rate(reference, evaluated, spacing_mm, dose_percent: float, dta_m
     unknown = set(kwargs) - {"max_gamma", "interp_fraction", "global_normalisation", "device", "num_threads"}
     if unknown:
         raise TypeError(f"gamma_pass_rate() got unexpected keyword arguments {sorted(unknown)}")
-    _, best2 = _gamma_squared(reference, evaluated, spacing_mm, dose_percent, dta_mm, lower_cutoff_percent, local,
-                              kwargs["max_gamma"], kwargs["interp_fraction"], kwargs["global_normalisation"],
-                              kwargs["device"], pass_only=True, num_threads=kwargs["num_threads"])
+    _, best2 = _gamma_squared(
+        reference,
+        evaluated,
+        spacing_mm,
+        dose_percent,
+        dta_mm,
+        lower_cutoff_percent,
+        local,
+        kwargs["max_gamma"],
+        kwargs["interp_fraction"],
+        kwargs["global_normalisation"],
+        kwargs["device"],
+        pass_only=True,
+        num_threads=kwargs["num_threads"],
+    )
     if best2.size == 0:
         return float("nan")
     return float(100.0 * np.mean(best2 <= 1.0))
@@ -619,10 +732,19 @@ def _criterion_key(dose_percent: float, dta_mm: float) -> str:
     return f"{float(dose_percent):g}%/{float(dta_mm):g}mm"
 
 
-def gamma_pass_rates(reference, evaluated, spacing_mm, criteria=((3, 3), (3, 2), (2, 3), (2, 2)),
-                     lower_cutoff_percent: float = 10.0, local: bool = False, **kwargs) -> dict[str, float]:
+def gamma_pass_rates(
+    reference,
+    evaluated,
+    spacing_mm,
+    criteria=((3, 3), (3, 2), (2, 3), (2, 2)),
+    lower_cutoff_percent: float = 10.0,
+    local: bool = False,
+    **kwargs,
+) -> dict[str, float]:
     """Pass rates for several ``(dose_percent, dta_mm)`` criteria, keyed ``"3%/3mm"`` etc."""
-    return {_criterion_key(dp, dta): gamma_pass_rate(reference, evaluated, spacing_mm, dp, dta,
-                                                     lower_cutoff_percent=lower_cutoff_percent, local=local,
-                                                     **kwargs)
-            for dp, dta in criteria}
+    return {
+        _criterion_key(dp, dta): gamma_pass_rate(
+            reference, evaluated, spacing_mm, dp, dta, lower_cutoff_percent=lower_cutoff_percent, local=local, **kwargs
+        )
+        for dp, dta in criteria
+    }

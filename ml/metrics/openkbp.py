@@ -37,6 +37,25 @@ import pandas as pd
 
 from ml.data.roi_names import OARS, OPENKBP_ROIS, TARGETS
 
+__all__ = [
+    "LONG_COLUMNS",
+    "OAR_METRICS",
+    "TARGET_METRICS",
+    "TARGET_PERCENTILES",
+    "ScoringCase",
+    "d_tenth_cc_percentile",
+    "dose_score",
+    "dvh_curve",
+    "dvh_metrics",
+    "mask_prediction",
+    "metrics_for_roi",
+    "official_metric_keys",
+    "score_case",
+    "score_patients",
+    "summarise",
+    "voxels_in_tenth_cc",
+]
+
 OAR_METRICS: tuple[str, ...] = ("D_0.1_cc", "mean")
 TARGET_METRICS: tuple[str, ...] = ("D_99", "D_95", "D_1")
 # dose received by x % of the volume = the (100 - x)-th percentile of the ROI dose

@@ -42,6 +42,21 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+__all__ = [
+    "BMMQA",
+    "CHANNELS_LAST",
+    "MODALITIES",
+    "AttentionFusion",
+    "BMMQAConfig",
+    "DDDecoder",
+    "Encoded",
+    "GradScale",
+    "ImageEncoder",
+    "TabEncoder",
+    "coalition_masks",
+    "scale_grad",
+]
+
 MODALITIES = ("image", "table")
 # the decoder runs channels-last: its convolutions have few channels, and on CPU (oneDNN) those,
 # the bilinear upsampling and the 1 x 1 output convolution are 1.5-5x faster in NHWC than NCHW
@@ -103,8 +118,12 @@ def scale_grad(x: torch.Tensor, k: float | torch.Tensor | None) -> torch.Tensor:
 
 def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU(),
-        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU(),
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.GELU(),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.GELU(),
     )
 
 
@@ -132,8 +151,13 @@ class TabEncoder(nn.Module):
     def __init__(self, cfg: BMMQAConfig) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(cfg.n_tab, 128), nn.GELU(), nn.LayerNorm(128), nn.Dropout(cfg.dropout),
-            nn.Linear(128, cfg.embed), nn.GELU(), nn.LayerNorm(cfg.embed),
+            nn.Linear(cfg.n_tab, 128),
+            nn.GELU(),
+            nn.LayerNorm(128),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(128, cfg.embed),
+            nn.GELU(),
+            nn.LayerNorm(cfg.embed),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -271,20 +295,21 @@ class DDDecoder(nn.Module):
                     base = bias
                 bases.append(base)
             if x is None:
-                h = torch.cat([bs.expand(n, -1, *skip.shape[2:]) for bs, n in zip(bases, sizes, strict=True)]
-                              ).contiguous(memory_format=CHANNELS_LAST)
+                h = torch.cat(
+                    [bs.expand(n, -1, *skip.shape[2:]) for bs, n in zip(bases, sizes, strict=True)]
+                ).contiguous(memory_format=CHANNELS_LAST)
             else:
                 h = self.prev_convs[i](F.interpolate(x, size=skip.shape[2:], mode="bilinear", align_corners=False))
                 h = h.to(torch.promote_types(h.dtype, bias.dtype))  # as ``combine`` under autocast
                 r = 0
                 for bs, n in zip(bases, sizes, strict=True):
-                    h[r:r + n] += bs
+                    h[r : r + n] += bs
                     r += n
             x = F.gelu(h)
         y = self.out(x)
         out, r = [], 0
         for n in sizes:
-            out.append(y[r:r + n] if n == b else y[r:r + n].expand(b, -1, -1, -1).contiguous())
+            out.append(y[r : r + n] if n == b else y[r : r + n].expand(b, -1, -1, -1).contiguous())
             r += n
         return out
 
@@ -308,8 +333,9 @@ class BMMQA(nn.Module):
                 head_in = cfg.embed
             else:
                 head_in = 2 * cfg.embed
-            self.gpr_head = nn.Sequential(nn.Linear(head_in, 64), nn.GELU(), nn.Dropout(cfg.dropout),
-                                          nn.Linear(64, cfg.n_criteria))
+            self.gpr_head = nn.Sequential(
+                nn.Linear(head_in, 64), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(64, cfg.n_criteria)
+            )
         if "dd" in cfg.tasks:
             self.dd_decoder = DDDecoder(cfg)
 
@@ -319,8 +345,13 @@ class BMMQA(nn.Module):
         z_tab = self.tab_encoder(table)
         return Encoded(z={"image": z_img, "table": z_tab}, feats=feats)
 
-    def heads(self, enc: Encoded, present: torch.Tensor | None = None,
-              loss_factors: dict[str, dict[str, float]] | None = None, repeat: int = 1) -> dict[str, torch.Tensor]:
+    def heads(
+        self,
+        enc: Encoded,
+        present: torch.Tensor | None = None,
+        loss_factors: dict[str, dict[str, float]] | None = None,
+        repeat: int = 1,
+    ) -> dict[str, torch.Tensor]:
         """Task outputs for the encoded batch.
 
         ``present``: (repeat*B, 2) bool mask over (image, table); absent modalities are zeroed
@@ -341,8 +372,11 @@ class BMMQA(nn.Module):
         out: dict[str, torch.Tensor] = {}
         if "gpr" in self.cfg.tasks:
             k = lf.get("gpr", {})
-            out.update(self._gpr(scale_grad(z_img, k.get("image")), scale_grad(z_tab, k.get("table")),
-                                 present, m_img, m_tab, repeat))
+            out.update(
+                self._gpr(
+                    scale_grad(z_img, k.get("image")), scale_grad(z_tab, k.get("table")), present, m_img, m_tab, repeat
+                )
+            )
         if "dd" in self.cfg.tasks:
             k = lf.get("dd", {})
             feats = [scale_grad(f, k.get("image")) for f in enc.feats]
@@ -379,8 +413,9 @@ class BMMQA(nn.Module):
             self.gpr_head[-1].bias.copy_(torch.log(p / (1 - p)))
 
     # -- coalitions (fast forward) ---------------------------------------------------------
-    def coalitions(self, image: torch.Tensor, table: torch.Tensor, enc: Encoded | None = None
-                   ) -> dict[tuple[str, ...], dict[str, torch.Tensor]]:
+    def coalitions(
+        self, image: torch.Tensor, table: torch.Tensor, enc: Encoded | None = None
+    ) -> dict[tuple[str, ...], dict[str, torch.Tensor]]:
         """Outputs of every modality coalition from ONE encoder pass and ONE (stacked) head pass."""
         enc = enc or self.encode(image, table)
         z_img = enc.z["image"]
@@ -391,9 +426,12 @@ class BMMQA(nn.Module):
         out: dict[str, torch.Tensor] = {}
         if "gpr" in self.cfg.tasks:  # tiny: the 2^M masked copies of the embeddings, stacked
             present = masks.repeat_interleave(b, dim=0) & self._allowed(z_img.device)[None, :]
-            out.update(self._gpr(z_img, enc.z["table"], present, present[:, 0].to(z_img.dtype),
-                                 present[:, 1].to(z_img.dtype), n))
-        result = {key: {k: v[i * b:(i + 1) * b] for k, v in out.items()} for i, key in enumerate(keys)}
+            out.update(
+                self._gpr(
+                    z_img, enc.z["table"], present, present[:, 0].to(z_img.dtype), present[:, 1].to(z_img.dtype), n
+                )
+            )
+        result = {key: {k: v[i * b : (i + 1) * b] for k, v in out.items()} for i, key in enumerate(keys)}
         if "dd" in self.cfg.tasks:
             # the decoder: skip/tile parts once, per coalition only the cheap combine (and only
             # once per distinct effective coalition of a model restricted to one modality)
@@ -409,7 +447,7 @@ class BMMQA(nn.Module):
 
 def coalition_masks(n_modalities: int, device=None) -> torch.Tensor:
     """All 2^M subsets as a (2^M, M) bool tensor, the empty set first, the full set last."""
-    idx = torch.arange(2 ** n_modalities, device=device)
+    idx = torch.arange(2**n_modalities, device=device)
     bits = (idx[:, None] >> torch.arange(n_modalities, device=device)[None, :]) & 1
-    order = torch.argsort(bits.sum(dim=1) * (2 ** n_modalities) + idx, stable=True)
+    order = torch.argsort(bits.sum(dim=1) * (2**n_modalities) + idx, stable=True)
     return bits[order].bool()

@@ -57,6 +57,23 @@ import numpy as np
 from ml.psqa.fluence import aperture_coverage
 from ml.psqa.plan import Aperture, Beam, Plan
 
+__all__ = [
+    "BEAM_METRICS",
+    "EPS_MM",
+    "METRIC_DOCS",
+    "MI_F_MAX",
+    "MI_SPACING_MM",
+    "MOVING_LEAF_MM",
+    "PLAN_AGGREGATION",
+    "PLAN_METRICS",
+    "SAS_THRESHOLDS_MM",
+    "SMALL_APERTURE_MM2",
+    "beam_metrics",
+    "complexity_tables",
+    "modulation_index",
+    "plan_metrics",
+]
+
 EPS_MM = 1e-6  # a gap or width <= EPS_MM is "closed"
 MOVING_LEAF_MM = 1e-3  # a leaf whose total travel exceeds this "moves" (same tolerance as plan.py)
 SMALL_APERTURE_MM2 = 400.0  # 4 cm^2 (fraction_small_segments)
@@ -106,16 +123,16 @@ PLAN_METRICS: tuple[str, ...] = ("n_beams", "mu_per_gy") + BEAM_METRICS
 METRIC_DOCS: dict[str, str] = {
     "n_beams": "number of treatment beams in the plan",
     "mu_per_gy": "plan MU per fraction / dose per fraction (prescription_gy / fractions); NaN without "
-                 "a prescription and a fraction count",
+    "a prescription and a fraction count",
     "total_mu": "beam meterset (MU per fraction); plan: sum",
     "n_control_points": "number of control points; plan: sum",
     "n_segments": "number of apertures with MU > 0 (segments, or VMAT control arcs); plan: sum",
     "mu_per_segment": "total_mu / n_segments (MUCA for VMAT); plan: sum MU / sum segments",
     "mcs": "MCS = sum_j MU_j LSV_j AAV_j / sum_j MU_j (McNiven 2010, doi:10.1118/1.3276775; VMAT: Masi 2013)",
     "lsv": "MU-weighted LSV_j = LSV_A x LSV_B, LSV_bank = mean_k (span - |p_k - p_k+1|)/span over "
-           "consecutive open pairs, span = max - min of that bank over the aperture's open pairs (McNiven 2010)",
+    "consecutive open pairs, span = max - min of that bank over the aperture's open pairs (McNiven 2010)",
     "aav": "MU-weighted AAV_j = A_j / A_max, A_max = sum_i (max_j r_ij - min_j l_ij)(max_j y1_ij - min_j y0_ij) "
-           "over the beam's apertures where pair i is open (McNiven 2010; UCoMX area form)",
+    "over the beam's apertures where pair i is open (McNiven 2010; UCoMX area form)",
     "mean_area_mm2": "MU-weighted mean aperture area sum_i g_i w_i (MFA)",
     "min_area_mm2": "smallest aperture area carrying MU; plan: min",
     "fraction_small_segments": "fraction of the MU delivered through apertures with area < 4 cm^2",
@@ -123,14 +140,14 @@ METRIC_DOCS: dict[str, str] = {
     "sas_10": "as sas_5 with 10 mm",
     "sas_20": "as sas_5 with 20 mm",
     "edge_metric": "MU-weighted P_j / A_j in 1/mm, P = aperture perimeter (Younge 2012 doi:10.1118/1.4762566, "
-                   "'aperture complexity' form of Younge 2016 doi:10.1120/jacmp.v17i4.6241 / UMRO)",
+    "'aperture complexity' form of Younge 2016 doi:10.1120/jacmp.v17i4.6241 / UMRO)",
     "aperture_irregularity": "MU-weighted AI_j = P_j^2 / (4 pi A_j) (1 for a circle); plan: plan irregularity PI "
-                             "(Du 2014, doi:10.1118/1.4861821)",
+    "(Du 2014, doi:10.1118/1.4861821)",
     "plan_modulation": "beam modulation BM = 1 - sum_j MU_j A_j / (MU A_union); plan: PM = MU-weighted BM (Du 2014)",
     "mean_leaf_gap_mm": "MU-weighted mean (over open pairs) effective leaf gap",
     "min_leaf_gap_mm": "smallest effective gap of an open pair over the beam's apertures; plan: min",
     "leaf_travel_mm": "sum over both banks, all leaves and consecutive control points of |delta position| "
-                      "(Masi 2013); plan: sum",
+    "(Masi 2013); plan: sum",
     "n_moving_leaves": "leaves (both banks) with total travel > 1e-3 mm; plan: sum",
     "leaf_travel_per_moving_leaf": "leaf_travel_mm / n_moving_leaves (0 if none move); plan: ratio of sums",
     "leaf_travel_per_mu": "leaf_travel_mm / total_mu (LTMU, UCoMX); plan: ratio of sums",
@@ -142,15 +159,22 @@ METRIC_DOCS: dict[str, str] = {
     "arc_length_deg": "sum of |delta gantry| (shortest way) over control points; plan: sum",
     "mean_gantry_spacing_deg": "arc_length_deg / (n_control_points - 1)",
     "modulation_index": "Webb 2003 fluence MI = integral_0^2 Z(f) df on the beam's 2 mm fluence map "
-                        "(doi:10.1088/0031-9155/48/14/301); see modulation_index()",
+    "(doi:10.1088/0031-9155/48/14/301); see modulation_index()",
 }
 
 # how each beam column becomes a plan column (default: MU-weighted mean over beams)
 _SUM = ("total_mu", "n_control_points", "n_segments", "leaf_travel_mm", "n_moving_leaves", "arc_length_deg")
 _MIN = ("min_area_mm2", "min_leaf_gap_mm")
 PLAN_AGGREGATION: dict[str, str] = {
-    m: ("sum" if m in _SUM else "min" if m in _MIN else "ratio" if m in (
-        "mu_per_segment", "leaf_travel_per_moving_leaf", "leaf_travel_per_mu") else "mu_weighted_mean")
+    m: (
+        "sum"
+        if m in _SUM
+        else "min"
+        if m in _MIN
+        else "ratio"
+        if m in ("mu_per_segment", "leaf_travel_per_moving_leaf", "leaf_travel_per_mu")
+        else "mu_weighted_mean"
+    )
     for m in BEAM_METRICS
 }
 
@@ -184,7 +208,7 @@ def _nanmin(values) -> float:
 class _ApGeom:
     """Effective geometry of one aperture (see module docstring)."""
 
-    __slots__ = ("mu", "lo", "hi", "y0", "y1", "gap", "width", "open", "area", "perimeter", "jaw_x", "jaw_y")
+    __slots__ = ("area", "gap", "hi", "jaw_x", "jaw_y", "lo", "mu", "open", "perimeter", "width", "y0", "y1")
 
     def __init__(self, ap: Aperture, boundaries: np.ndarray):
         self.mu = float(ap.mu)
@@ -317,7 +341,7 @@ def modulation_index(beam: Beam, spacing_mm: float = MI_SPACING_MM, f_max: float
     if rects.size == 0:
         return _NAN
     extent = float(np.abs(rects).max())
-    size = min(2 * int(math.ceil(extent / spacing_mm)) + 4, _MI_MAX_SIZE)
+    size = min(2 * math.ceil(extent / spacing_mm) + 4, _MI_MAX_SIZE)
     fluence = np.zeros((size, size))
     interior = np.zeros((size, size), dtype=bool)
     for ap in aps:
@@ -353,7 +377,7 @@ def beam_metrics(beam: Beam) -> dict[str, float]:
     arc = _gantry_arc(beam)
     n_cp = len(beam.control_points)
     total_mu = float(beam.meterset_mu)
-    out: dict[str, float] = {m: _NAN for m in BEAM_METRICS}
+    out: dict[str, float] = dict.fromkeys(BEAM_METRICS, _NAN)
     out.update(
         total_mu=total_mu,
         n_control_points=float(n_cp),
@@ -448,8 +472,7 @@ def _aggregate(rows: list[dict[str, float]]) -> dict[str, float]:
 def _plan_row(plan: Plan, rows: list[dict[str, float]]) -> dict[str, float]:
     agg = _aggregate(rows)
     dpf = plan.dose_per_fraction_gy
-    row = {"n_beams": float(len(plan.beams)),
-           "mu_per_gy": _div(agg["total_mu"], dpf) if dpf else _NAN}
+    row = {"n_beams": float(len(plan.beams)), "mu_per_gy": _div(agg["total_mu"], dpf) if dpf else _NAN}
     row.update({m: agg[m] for m in BEAM_METRICS})
     return row
 

@@ -28,6 +28,19 @@ import numpy as np
 import pandas as pd
 import torch
 
+__all__ = [
+    "CRITERIA",
+    "LABEL_COLUMNS",
+    "PRIMARY",
+    "Pack",
+    "TabularScaler",
+    "Tensors",
+    "criterion_column",
+    "load_pack",
+    "tensors_for",
+    "write_pack",
+]
+
 CRITERIA = ("3%/3mm", "3%/2mm", "2%/3mm", "2%/2mm")
 LABEL_COLUMNS = ("gpr_3_3", "gpr_3_2", "gpr_2_3", "gpr_2_2")
 PRIMARY = "gpr_2_2"  # early stopping / headline criterion
@@ -69,8 +82,13 @@ class TabularScaler:
         return len(self.columns) + len(self.missing_indicators)
 
     def to_dict(self) -> dict:
-        return dict(columns=self.columns, median=self.median, mean=self.mean, std=self.std,
-                    missing_indicators=self.missing_indicators)
+        return dict(
+            columns=self.columns,
+            median=self.median,
+            mean=self.mean,
+            std=self.std,
+            missing_indicators=self.missing_indicators,
+        )
 
     @classmethod
     def from_dict(cls, d: dict) -> TabularScaler:

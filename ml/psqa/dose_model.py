@@ -46,12 +46,12 @@ from ml.psqa.plan import Beam, Plan
 
 __all__ = [
     "DoseModel",
-    "head_scatter_factor",
-    "equivalent_square_mm",
     "beam_dose",
-    "plan_dose",
-    "field_dose",
     "central_axis_output",
+    "equivalent_square_mm",
+    "field_dose",
+    "head_scatter_factor",
+    "plan_dose",
 ]
 
 OPEN_EPS_MM = 1e-6
@@ -76,8 +76,10 @@ class DoseModel:
     def terms(self) -> tuple[tuple[float, float], ...]:
         """``((weight, sigma_mm), ...)`` of the (detector-broadened) kernel."""
         d2 = float(self.detector_sigma_mm) ** 2
-        return ((1.0 - self.scatter_weight, float(np.sqrt(self.primary_sigma_mm ** 2 + d2))),
-                (float(self.scatter_weight), float(np.sqrt(self.scatter_sigma_mm ** 2 + d2))))
+        return (
+            (1.0 - self.scatter_weight, float(np.sqrt(self.primary_sigma_mm**2 + d2))),
+            (float(self.scatter_weight), float(np.sqrt(self.scatter_sigma_mm**2 + d2))),
+        )
 
     def norm(self) -> float:
         """Central-axis kernel response of the reference field (per unit fluence)."""
@@ -183,8 +185,10 @@ def _tg_rects(lo, hi, y0, y1, is_open, jy, bnd, width: float, seg_weight: np.nda
     rects, weights = [], []
     # strip in p: -(I_p) + (I_p & I_q); strip in q: -(I_q) + (I_p & I_q)
     for (yy0, yy1), (x0, x1, sel, sign) in (
-        (below, (lp, hp, opn_p, -1.0)), (below, (il, ih, both, 1.0)),
-        (above, (lq, hq, opn_q, -1.0)), (above, (il, ih, both, 1.0)),
+        (below, (lp, hp, opn_p, -1.0)),
+        (below, (il, ih, both, 1.0)),
+        (above, (lq, hq, opn_q, -1.0)),
+        (above, (il, ih, both, 1.0)),
     ):
         rects.append(np.stack([np.where(sel, x0, 0.0), np.where(sel, x1, 0.0), yy0, yy1], axis=1))
         weights.append(sign * w * sel)
@@ -198,7 +202,7 @@ def beam_dose(beam: Beam, model: DoseModel = DoseModel(), size: int = 128, spaci
     if geo is None:
         return np.zeros((int(size), int(size)))
     mu, lo, hi, y0, y1, is_open, jx, jy, bnd = geo
-    S, P = lo.shape
+    _S, _P = lo.shape
     t = float(model.transmission)
     sc = head_scatter_factor(equivalent_square_mm(lo, hi, y0, y1, is_open), model)
     w_open = mu * sc * (1.0 - t)  # per segment
@@ -216,14 +220,24 @@ def beam_dose(beam: Beam, model: DoseModel = DoseModel(), size: int = 128, spaci
     return dose * (model.gy_per_mu / model.norm())
 
 
-def plan_dose(plan: Plan, model: DoseModel = DoseModel(), size: int = 128,
-              spacing_mm: float = 2.0) -> dict[int, np.ndarray]:
+def plan_dose(
+    plan: Plan, model: DoseModel = DoseModel(), size: int = 128, spacing_mm: float = 2.0
+) -> dict[int, np.ndarray]:
     """``{beam number: dose plane}`` for every beam of the plan."""
     return {b.number: beam_dose(b, model, size, spacing_mm) for b in plan.beams}
 
 
-def field_dose(x1: float, x2: float, y1: float, y2: float, mu: float = 100.0, model: DoseModel = DoseModel(),
-               size: int = 128, spacing_mm: float = 2.0, leaf_boundaries=None) -> np.ndarray:
+def field_dose(
+    x1: float,
+    x2: float,
+    y1: float,
+    y2: float,
+    mu: float = 100.0,
+    model: DoseModel = DoseModel(),
+    size: int = 128,
+    spacing_mm: float = 2.0,
+    leaf_boundaries=None,
+) -> np.ndarray:
     """Dose of a single MLC-defined rectangular segment (all pairs within ``[y1, y2]`` open over
     ``[x1, x2]``, jaws at the field edges + 5 mm in x and at ``y1, y2``); for sanity checks."""
     from ml.psqa.plan import ControlPoint
@@ -234,8 +248,10 @@ def field_dose(x1: float, x2: float, y1: float, y2: float, mu: float = 100.0, mo
     inside = (mid > y1) & (mid < y2)
     a = np.where(inside, x1, x1)
     b = np.where(inside, x2, x1)
-    cps = [ControlPoint(i, w, 0.0, 0.0, (x1 - 5.0, x2 + 5.0), (y1, y2), a.astype(float), b.astype(float))
-           for i, w in enumerate((0.0, 1.0))]
+    cps = [
+        ControlPoint(i, w, 0.0, 0.0, (x1 - 5.0, x2 + 5.0), (y1, y2), a.astype(float), b.astype(float))
+        for i, w in enumerate((0.0, 1.0))
+    ]
     beam = Beam(number=1, name="F", meterset_mu=float(mu), leaf_boundaries=bnd, control_points=cps, delivery="STATIC")
     return beam_dose(beam, model, size, spacing_mm)
 

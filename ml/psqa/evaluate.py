@@ -15,6 +15,21 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+__all__ = [
+    "ACTION_LIMIT",
+    "ablation_table",
+    "compare_models",
+    "dd_metrics",
+    "evaluation_table",
+    "gpr_metrics",
+    "mean_predictor_metrics",
+    "pearson",
+    "roc_auc",
+    "shapley_summary",
+    "spearman",
+    "split_metrics",
+]
+
 ACTION_LIMIT = 90.0
 
 
@@ -74,12 +89,18 @@ def dd_metrics(pred: np.ndarray, true: np.ndarray, mask: np.ndarray | None = Non
     per = ssim(p, t, rng, reduction="none").numpy()
     diff = np.abs(np.asarray(pred) - np.asarray(true))
     mae = float((diff * mask).sum() / max(mask.sum(), 1)) if mask is not None else float(diff.mean())
-    return {"ssim_mean": float(per.mean()), "ssim_max": float(per.max()), "ssim_min": float(per.min()),
-            "mae": mae, "per_plan_ssim": per}
+    return {
+        "ssim_mean": float(per.mean()),
+        "ssim_max": float(per.max()),
+        "ssim_min": float(per.min()),
+        "mae": mae,
+        "per_plan_ssim": per,
+    }
 
 
-def evaluation_table(pred: pd.DataFrame, true: pd.DataFrame, criteria_columns: list[str],
-                     criteria_names: list[str]) -> pd.DataFrame:
+def evaluation_table(
+    pred: pd.DataFrame, true: pd.DataFrame, criteria_columns: list[str], criteria_names: list[str]
+) -> pd.DataFrame:
     rows = []
     for col, name in zip(criteria_columns, criteria_names, strict=True):
         m = gpr_metrics(pred[col].to_numpy(), true[col].to_numpy())
@@ -93,8 +114,9 @@ def mean_predictor_metrics(train_labels: pd.DataFrame, test_labels: pd.DataFrame
     return gpr_metrics(pred, test_labels[column].to_numpy())
 
 
-def split_metrics(pred: pd.DataFrame, dd_pred: np.ndarray | None, rows: pd.DataFrame,
-                  true_dd: np.ndarray | None, split: str = "test") -> dict:
+def split_metrics(
+    pred: pd.DataFrame, dd_pred: np.ndarray | None, rows: pd.DataFrame, true_dd: np.ndarray | None, split: str = "test"
+) -> dict:
     """Metrics of one model's predictions (``ml.psqa.predict.predict``) on a split: GPR metrics per
     criterion (failing plans included) and DD SSIM/MAE (``python -m ml bmmqa evaluate``)."""
     from ml.psqa.dataset import CRITERIA, LABEL_COLUMNS
@@ -110,8 +132,12 @@ def split_metrics(pred: pd.DataFrame, dd_pred: np.ndarray | None, rows: pd.DataF
     return result
 
 
-def ablation_table(predictions: dict[str, tuple[pd.DataFrame, np.ndarray | None]], rows_t: pd.DataFrame,
-                   true_dd: np.ndarray, train_rows: pd.DataFrame) -> pd.DataFrame:
+def ablation_table(
+    predictions: dict[str, tuple[pd.DataFrame, np.ndarray | None]],
+    rows_t: pd.DataFrame,
+    true_dd: np.ndarray,
+    train_rows: pd.DataFrame,
+) -> pd.DataFrame:
     """One row per model (+ the mean predictor): the issue's comparison on the test split.
 
     ``predictions``: {model: (GPR frame, DD maps)} from ``ml.psqa.predict.predict_models`` on the
@@ -127,9 +153,15 @@ def ablation_table(predictions: dict[str, tuple[pd.DataFrame, np.ndarray | None]
                 m = gpr_metrics(df[f"pred_{col}"].to_numpy(), rows_t[col].to_numpy())
                 row[f"MAE {crit}"] = m["mae"]
             m22 = gpr_metrics(df["pred_gpr_2_2"].to_numpy(), rows_t["gpr_2_2"].to_numpy())
-            row.update({"MAE GPR<90 (2%/2mm)": m22["mae_fail"], "AUC fail (2%/2mm)": m22["auc"],
-                        "sens (2%/2mm)": m22["sensitivity"], "spec (2%/2mm)": m22["specificity"],
-                        "Spearman (2%/2mm)": m22["spearman"]})
+            row.update(
+                {
+                    "MAE GPR<90 (2%/2mm)": m22["mae_fail"],
+                    "AUC fail (2%/2mm)": m22["auc"],
+                    "sens (2%/2mm)": m22["sensitivity"],
+                    "spec (2%/2mm)": m22["specificity"],
+                    "Spearman (2%/2mm)": m22["spearman"],
+                }
+            )
         if dd is not None:
             d = dd_metrics(dd, true_dd)
             row.update({"DD SSIM mean": d["ssim_mean"], "DD SSIM max": d["ssim_max"], "DD MAE (%)": d["mae"]})
@@ -158,8 +190,14 @@ def shapley_summary(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def compare_models(challenger: pd.DataFrame, champion: pd.DataFrame | None, rows: pd.DataFrame,
-                   split: str = "test", metric: str = "gpr_2_2", margin: float = 0.0) -> dict:
+def compare_models(
+    challenger: pd.DataFrame,
+    champion: pd.DataFrame | None,
+    rows: pd.DataFrame,
+    split: str = "test",
+    metric: str = "gpr_2_2",
+    margin: float = 0.0,
+) -> dict:
     """Champion/challenger decision on one (fixed) split: the challenger is promoted when its MAE
     at ``metric`` is lower than the champion's by more than ``margin`` percentage points (ties keep
     the champion). Without a champion the challenger is promoted. ``challenger``/``champion`` are
@@ -167,7 +205,7 @@ def compare_models(challenger: pd.DataFrame, champion: pd.DataFrame | None, rows
     if not len(rows):
         raise ValueError(f"the pack has no {split!r} rows to compare on")
     true = rows[metric].to_numpy()
-    result = {"split": split, "metric": metric, "n": int(len(rows)), "margin": float(margin)}
+    result = {"split": split, "metric": metric, "n": len(rows), "margin": float(margin)}
     for role, df in (("challenger", challenger), ("champion", champion)):
         if df is None:
             result[f"{role}_mae"] = float("nan")
@@ -181,6 +219,8 @@ def compare_models(challenger: pd.DataFrame, champion: pd.DataFrame | None, rows
     else:
         gain = result["champion_mae"] - result["challenger_mae"]
         result["promote"] = bool(gain > margin)
-        result["reason"] = (f"challenger MAE {result['challenger_mae']:.3f} vs champion {result['champion_mae']:.3f} "
-                            f"(gain {gain:+.3f} pp, margin {margin:g})")
+        result["reason"] = (
+            f"challenger MAE {result['challenger_mae']:.3f} vs champion {result['champion_mae']:.3f} "
+            f"(gain {gain:+.3f} pp, margin {margin:g})"
+        )
     return result

@@ -32,7 +32,7 @@ import numpy as np
 
 from ml.psqa.plan import Aperture, Beam, Plan
 
-__all__ = ["pixel_centres", "aperture_coverage", "beam_fluence", "plan_fluence"]
+__all__ = ["aperture_coverage", "beam_fluence", "pixel_centres", "plan_fluence"]
 
 
 def _check_grid(spacing_mm: float, size: int) -> None:
@@ -66,8 +66,9 @@ def _pair_rows(aperture: Aperture, leaf_boundaries: np.ndarray) -> tuple[np.ndar
     return lo, hi, y0, y1
 
 
-def aperture_coverage(aperture: Aperture, leaf_boundaries: np.ndarray, spacing_mm: float = 2.0,
-                      size: int = 128, transmission: float = 0.0) -> np.ndarray:
+def aperture_coverage(
+    aperture: Aperture, leaf_boundaries: np.ndarray, spacing_mm: float = 2.0, size: int = 128, transmission: float = 0.0
+) -> np.ndarray:
     """Per-MU fluence of one aperture on the grid: the open area fraction of each pixel
     (``1`` fully open, ``0`` blocked), plus ``transmission`` x the blocked-by-leaves fraction
     inside the jaws. Multiply by ``aperture.mu`` for MU."""
@@ -87,8 +88,10 @@ def aperture_coverage(aperture: Aperture, leaf_boundaries: np.ndarray, spacing_m
     if transmission > 0.0:
         jx0, jx1 = aperture.jaw_x
         jy0, jy1 = aperture.jaw_y
-        jaw = np.outer(_overlap_fraction([jy0], [jy1], centres, spacing_mm)[0],
-                       _overlap_fraction([jx0], [jx1], centres, spacing_mm)[0])
+        jaw = np.outer(
+            _overlap_fraction([jy0], [jy1], centres, spacing_mm)[0],
+            _overlap_fraction([jx0], [jx1], centres, spacing_mm)[0],
+        )
         # open area lies inside the jaws, so open pixels get (1 - t) + t = 1 per MU
         return (1.0 - transmission) * open_cov + transmission * jaw
     return open_cov

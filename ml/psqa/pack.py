@@ -24,6 +24,8 @@ import pandas as pd
 
 from ml.psqa.dataset import CRITERIA, LABEL_COLUMNS, criterion_column, write_pack
 
+__all__ = ["GAMMA_CRITERIA", "PlanQA", "build_pack", "compute_plan_qa", "save_planes"]
+
 GAMMA_CRITERIA = ((3, 3), (3, 2), (2, 3), (2, 2))
 
 
@@ -93,24 +95,41 @@ def compute_plan_qa(plan_ds, dose_datasets: list, gamma_kwargs: dict | None = No
         raise ValueError("planned and delivered planes differ in shape or are not square")
     kw = {"lower_cutoff_percent": 10.0, **(gamma_kwargs or {})}
     gpr = gamma_pass_rates(measured_comp, planned_comp, spacing, criteria=GAMMA_CRITERIA, **kw)
-    beam_gpr = {b: gamma_pass_rates(measured_beams[b], planned_beams[b], spacing, criteria=GAMMA_CRITERIA, **kw)
-                for b in sorted(set(planned_beams) & set(measured_beams))}
+    beam_gpr = {
+        b: gamma_pass_rates(measured_beams[b], planned_beams[b], spacing, criteria=GAMMA_CRITERIA, **kw)
+        for b in sorted(set(planned_beams) & set(measured_beams))
+    }
     peak = float(planned_comp.max()) or 1.0
     dd = (measured_comp - planned_comp) / peak * 100.0
     fluence = plan_fluence(plan, spacing_mm=spacing, size=planned_comp.shape[0])
     beam_rows, plan_row = complexity_tables(plan)
-    return PlanQA(planned=planned_comp, measured=measured_comp, fluence=fluence.astype(np.float32),
-                  dd=dd.astype(np.float32), spacing_mm=spacing, gpr=gpr, beam_gpr=beam_gpr,
-                  plan_metrics=plan_row, beam_metrics=beam_rows, n_beams=len(plan.beams))
+    return PlanQA(
+        planned=planned_comp,
+        measured=measured_comp,
+        fluence=fluence.astype(np.float32),
+        dd=dd.astype(np.float32),
+        spacing_mm=spacing,
+        gpr=gpr,
+        beam_gpr=beam_gpr,
+        plan_metrics=plan_row,
+        beam_metrics=beam_rows,
+        n_beams=len(plan.beams),
+    )
 
 
 def save_planes(path: str | os.PathLike, qa: PlanQA) -> bytes:
     from ml.utils.io import save_npz_deterministic
 
-    return save_npz_deterministic(path, {
-        "planned": qa.planned, "measured": qa.measured, "fluence": qa.fluence, "dd": qa.dd,
-        "spacing_mm": np.asarray([qa.spacing_mm]),
-    })
+    return save_npz_deterministic(
+        path,
+        {
+            "planned": qa.planned,
+            "measured": qa.measured,
+            "fluence": qa.fluence,
+            "dd": qa.dd,
+            "spacing_mm": np.asarray([qa.spacing_mm]),
+        },
+    )
 
 
 def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
@@ -121,16 +140,26 @@ def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
     return a.reshape(*a.shape[:-2], h // f, f, w // f, f).mean(axis=(-3, -1))
 
 
-def build_pack(out_dir: str | os.PathLike, planes: pd.DataFrame, features: pd.DataFrame, labels: pd.DataFrame,
-               split: pd.DataFrame, lake_dir: str | os.PathLike, feature_columns: list[str],
-               downsample: int = 2) -> Path:
+def build_pack(
+    out_dir: str | os.PathLike,
+    planes: pd.DataFrame,
+    features: pd.DataFrame,
+    labels: pd.DataFrame,
+    split: pd.DataFrame,
+    lake_dir: str | os.PathLike,
+    feature_columns: list[str],
+    downsample: int = 2,
+) -> Path:
     """``planes``: plan_key, path (npz relative to ``lake_dir``); ``labels``: plan_key + gpr_*;
     ``split``: plan_key, split. Plans missing any piece are left out."""
-    df = (split[["plan_key", "patient_id", "split"]]
-          .merge(labels[["plan_key", *LABEL_COLUMNS]], on="plan_key")
-          .merge(features[["plan_key", *feature_columns]], on="plan_key")
-          .merge(planes[["plan_key", "path"]], on="plan_key")
-          .sort_values("plan_key").reset_index(drop=True))
+    df = (
+        split[["plan_key", "patient_id", "split"]]
+        .merge(labels[["plan_key", *LABEL_COLUMNS]], on="plan_key")
+        .merge(features[["plan_key", *feature_columns]], on="plan_key")
+        .merge(planes[["plan_key", "path"]], on="plan_key")
+        .sort_values("plan_key")
+        .reset_index(drop=True)
+    )
     if df.empty:
         raise ValueError("no plan has planes, features, labels and a split")
     images, dds = [], []
@@ -144,7 +173,12 @@ def build_pack(out_dir: str | os.PathLike, planes: pd.DataFrame, features: pd.Da
         dds.append(_block_mean(dd[None], downsample))
     df["image_index"] = np.arange(len(df))
     table = df.drop(columns=["path"])
-    meta = {"feature_columns": list(feature_columns), "criteria": list(CRITERIA),
-            "label_columns": [criterion_column(c) for c in CRITERIA], "channels": ["planned_dose_rel", "fluence_rel"],
-            "spacing_mm": (spacing or 2.0) * downsample, "dd_units": "% of planned max"}
+    meta = {
+        "feature_columns": list(feature_columns),
+        "criteria": list(CRITERIA),
+        "label_columns": [criterion_column(c) for c in CRITERIA],
+        "channels": ["planned_dose_rel", "fluence_rel"],
+        "spacing_mm": (spacing or 2.0) * downsample,
+        "dd_units": "% of planned max",
+    }
     return write_pack(out_dir, table, np.stack(images).astype(np.float32), np.stack(dds).astype(np.float32), meta)

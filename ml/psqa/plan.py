@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+__all__ = ["OPEN_FIELD_MM", "Aperture", "Beam", "ControlPoint", "Plan", "PlanError", "read_plan"]
+
 OPEN_FIELD_MM = 200.0
 
 
@@ -105,15 +107,25 @@ class Beam:
                 mlc_a, mlc_b = (a.mlc_a + b.mlc_a) / 2.0, (a.mlc_b + b.mlc_b) / 2.0
             jaw_x = ((a.jaw_x[0] + b.jaw_x[0]) / 2, (a.jaw_x[1] + b.jaw_x[1]) / 2)
             jaw_y = ((a.jaw_y[0] + b.jaw_y[0]) / 2, (a.jaw_y[1] + b.jaw_y[1]) / 2)
-            out.append(Aperture(mu=mu, mlc_a=np.asarray(mlc_a, float), mlc_b=np.asarray(mlc_b, float),
-                                jaw_x=jaw_x, jaw_y=jaw_y, gantry_angle=(a.gantry_angle + b.gantry_angle) / 2))
+            out.append(
+                Aperture(
+                    mu=mu,
+                    mlc_a=np.asarray(mlc_a, float),
+                    mlc_b=np.asarray(mlc_b, float),
+                    jaw_x=jaw_x,
+                    jaw_y=jaw_y,
+                    gantry_angle=(a.gantry_angle + b.gantry_angle) / 2,
+                )
+            )
         return out
 
     def is_dynamic(self) -> bool:
         cps = self.control_points
-        return any(not (np.allclose(a.mlc_a, b.mlc_a, atol=1e-3) and np.allclose(a.mlc_b, b.mlc_b, atol=1e-3))
-                   and b.cumulative_meterset_weight > a.cumulative_meterset_weight
-                   for a, b in zip(cps[:-1], cps[1:], strict=True))
+        return any(
+            not (np.allclose(a.mlc_a, b.mlc_a, atol=1e-3) and np.allclose(a.mlc_b, b.mlc_b, atol=1e-3))
+            and b.cumulative_meterset_weight > a.cumulative_meterset_weight
+            for a, b in zip(cps[:-1], cps[1:], strict=True)
+        )
 
 
 @dataclass
@@ -183,8 +195,14 @@ def read_plan(ds) -> Plan:
             boundaries = np.asarray([-OPEN_FIELD_MM, OPEN_FIELD_MM])
         n = len(boundaries) - 1
         cps: list[ControlPoint] = []
-        state = {"gantry": 0.0, "coll": 0.0, "x": (-OPEN_FIELD_MM, OPEN_FIELD_MM),
-                 "y": (-OPEN_FIELD_MM, OPEN_FIELD_MM), "a": None, "b": None}
+        state = {
+            "gantry": 0.0,
+            "coll": 0.0,
+            "x": (-OPEN_FIELD_MM, OPEN_FIELD_MM),
+            "y": (-OPEN_FIELD_MM, OPEN_FIELD_MM),
+            "a": None,
+            "b": None,
+        }
         energy = None
         for i, cp in enumerate(b.get("ControlPointSequence", []) or []):
             if cp.get("GantryAngle") is not None:
@@ -210,27 +228,46 @@ def read_plan(ds) -> Plan:
                 bb = np.full(n, state["x"][1])
             else:
                 a, bb = state["a"], state["b"]
-            cps.append(ControlPoint(
-                index=i, cumulative_meterset_weight=_f(cp.get("CumulativeMetersetWeight"), 0.0),
-                gantry_angle=state["gantry"], collimator_angle=state["coll"], jaw_x=state["x"], jaw_y=state["y"],
-                mlc_a=np.asarray(a, float).copy(), mlc_b=np.asarray(bb, float).copy(),
-            ))
+            cps.append(
+                ControlPoint(
+                    index=i,
+                    cumulative_meterset_weight=_f(cp.get("CumulativeMetersetWeight"), 0.0),
+                    gantry_angle=state["gantry"],
+                    collimator_angle=state["coll"],
+                    jaw_x=state["x"],
+                    jaw_y=state["y"],
+                    mlc_a=np.asarray(a, float).copy(),
+                    mlc_b=np.asarray(bb, float).copy(),
+                )
+            )
         if len(cps) < 2:
             raise PlanError(f"beam {number}: fewer than 2 control points")
         final = _f(b.get("FinalCumulativeMetersetWeight"), cps[-1].cumulative_meterset_weight) or 1.0
         for cp in cps:
             cp.cumulative_meterset_weight /= final
         beam = Beam(
-            number=number, name=str(b.get("BeamName", "") or f"BEAM{number}"),
-            meterset_mu=meters.get(number, 0.0), leaf_boundaries=boundaries, control_points=cps,
-            energy_mv=energy or 6.0, radiation_type=str(b.get("RadiationType", "PHOTON")),
+            number=number,
+            name=str(b.get("BeamName", "") or f"BEAM{number}"),
+            meterset_mu=meters.get(number, 0.0),
+            leaf_boundaries=boundaries,
+            control_points=cps,
+            energy_mv=energy or 6.0,
+            radiation_type=str(b.get("RadiationType", "PHOTON")),
             sad_mm=_f(b.get("SourceAxisDistance"), 1000.0) or 1000.0,
             treatment_machine=str(b.get("TreatmentMachineName", "") or ""),
         )
-        beam.delivery = "VMAT" if (beam.is_dynamic() and len({c.gantry_angle for c in cps}) > 1) else (
-            "DYNAMIC" if beam.is_dynamic() else ("STATIC" if len(cps) == 2 else "STEP_AND_SHOOT"))
+        beam.delivery = (
+            "VMAT"
+            if (beam.is_dynamic() and len({c.gantry_angle for c in cps}) > 1)
+            else ("DYNAMIC" if beam.is_dynamic() else ("STATIC" if len(cps) == 2 else "STEP_AND_SHOOT"))
+        )
         beams.append(beam)
     if not beams:
         raise PlanError("plan has no treatment beams")
-    return Plan(label=str(ds.get("RTPlanLabel", "") or ""), beams=beams, prescription_gy=rx, fractions=fractions,
-                sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""))
+    return Plan(
+        label=str(ds.get("RTPlanLabel", "") or ""),
+        beams=beams,
+        prescription_gy=rx,
+        fractions=fractions,
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""),
+    )

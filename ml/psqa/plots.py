@@ -8,6 +8,8 @@ import pandas as pd
 
 from ml.viz import figure_grid, png_bytes
 
+__all__ = ["bland_altman_png", "contribution_curves_png", "dd_examples_png", "scatter_png", "shapley_bars_png"]
+
 
 def _legend(ax) -> None:
     if ax.get_legend_handles_labels()[0]:
@@ -67,8 +69,13 @@ def contribution_curves_png(history: pd.DataFrame, title: str = "") -> bytes:
         _legend(ax)
         ax.tick_params(labelsize=6)
     ax = axes[0][2]
-    for col, label in (("lambda_gpr", "lambda GPR"), ("lambda_dd", "lambda DD"), ("alpha_image", "attention image"),
-                       ("k_gpr_table", "k GPR table"), ("k_dd_image", "k DD image")):
+    for col, label in (
+        ("lambda_gpr", "lambda GPR"),
+        ("lambda_dd", "lambda DD"),
+        ("alpha_image", "attention image"),
+        ("k_gpr_table", "k GPR table"),
+        ("k_dd_image", "k DD image"),
+    ):
         if col in history:
             ax.plot(e, history[col], label=label)
     ax.set_title("task weights, attention, loss factors", fontsize=8)
@@ -86,10 +93,12 @@ def dd_examples_png(planned: np.ndarray, true_dd: np.ndarray, pred_dd: np.ndarra
     plt, fig, axes = figure_grid(n, 4, 2.2)
     lim = float(np.percentile(np.abs(true_dd), 99.5)) or 1.0
     for i in range(n):
-        panels = [(planned[i], "planned dose (rel.)", "viridis", None),
-                  (true_dd[i], "measured - planned (%)", "RdBu_r", lim),
-                  (pred_dd[i], "predicted DD (%)", "RdBu_r", lim),
-                  (pred_dd[i] - true_dd[i], "prediction error (%)", "RdBu_r", lim)]
+        panels = [
+            (planned[i], "planned dose (rel.)", "viridis", None),
+            (true_dd[i], "measured - planned (%)", "RdBu_r", lim),
+            (pred_dd[i], "predicted DD (%)", "RdBu_r", lim),
+            (pred_dd[i] - true_dd[i], "prediction error (%)", "RdBu_r", lim),
+        ]
         for j, (img, title, cmap, vmax) in enumerate(panels):
             ax = axes[i][j]
             kw = {"vmin": -vmax, "vmax": vmax} if vmax else {}

@@ -47,14 +47,15 @@ def load_model(model_dir: str | os.PathLike, device: str = "cpu") -> tuple[BMMQA
 
 
 @torch.no_grad()
-def predict_tensors(model: BMMQA, data: Tensors, device: torch.device, batch_size: int = 64,
-                    amp_dtype: torch.dtype | None = None) -> dict[str, np.ndarray]:
+def predict_tensors(
+    model: BMMQA, data: Tensors, device: torch.device, batch_size: int = 64, amp_dtype: torch.dtype | None = None
+) -> dict[str, np.ndarray]:
     """{task: predictions} for every row of ``data`` (GPR in %, DD maps in % of max)."""
     model.eval()
     outs: dict[str, list[np.ndarray]] = {}
     for i in range(0, len(data.keys), batch_size):
-        img = data.image[i:i + batch_size].to(device)
-        tab = data.table[i:i + batch_size].to(device)
+        img = data.image[i : i + batch_size].to(device)
+        tab = data.table[i : i + batch_size].to(device)
         with autocast(device, amp_dtype):
             out = model(img, tab)
         for k, v in out.items():
@@ -62,8 +63,9 @@ def predict_tensors(model: BMMQA, data: Tensors, device: torch.device, batch_siz
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 
-def predict(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: str | None = "test",
-            device: str = "auto") -> tuple[pd.DataFrame, np.ndarray | None]:
+def predict(
+    model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: str | None = "test", device: str = "auto"
+) -> tuple[pd.DataFrame, np.ndarray | None]:
     """Predicted GPRs (one row per plan: ``plan_key``, ``pred_<criterion>``) and DD maps for a
     split of a pack (all rows if ``split`` is None)."""
     dev = resolve_device(device)
@@ -79,8 +81,9 @@ def predict(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: st
     return df, pred.get("dd")
 
 
-def predict_models(model_dirs: dict[str, str | os.PathLike], data_dir: str | os.PathLike, split: str = "test",
-                   device: str = "cpu") -> dict[str, tuple[pd.DataFrame, np.ndarray | None]]:
+def predict_models(
+    model_dirs: dict[str, str | os.PathLike], data_dir: str | os.PathLike, split: str = "test", device: str = "cpu"
+) -> dict[str, tuple[pd.DataFrame, np.ndarray | None]]:
     """``predict`` for each named model directory: {name: (GPR frame, DD maps)}."""
     return {name: predict(mdir, data_dir, split, device) for name, mdir in model_dirs.items()}
 
@@ -91,8 +94,8 @@ def shapley_on(model: BMMQA, data: Tensors, device: torch.device, batch_size: in
     model.eval()
     acc: dict[str, list[np.ndarray]] = {}
     for i in range(0, len(data.keys), batch_size):
-        img, tab = data.image[i:i + batch_size].to(device), data.table[i:i + batch_size].to(device)
-        gpr, dd = data.gpr[i:i + batch_size].to(device), data.dd[i:i + batch_size].to(device)
+        img, tab = data.image[i : i + batch_size].to(device), data.table[i : i + batch_size].to(device)
+        gpr, dd = data.gpr[i : i + batch_size].to(device), data.dd[i : i + batch_size].to(device)
         co = model.coalitions(img, tab)
         phi = coalition_shapley(co, lambda o: task_errors(o, gpr, dd))  # noqa: B023
         for t, v in phi.items():
@@ -100,8 +103,9 @@ def shapley_on(model: BMMQA, data: Tensors, device: torch.device, batch_size: in
     return {t: np.concatenate(v) for t, v in acc.items()}
 
 
-def shapley_table(model_dir: str, pack_dir: str, splits: tuple[str, ...] = ("train", "val", "test"),
-                  device: str = "cpu") -> pd.DataFrame:
+def shapley_table(
+    model_dir: str, pack_dir: str, splits: tuple[str, ...] = ("train", "val", "test"), device: str = "cpu"
+) -> pd.DataFrame:
     """Per-plan Shapley modality contributions of a trained model.
 
     One row per (plan, task): ``phi_image`` and ``phi_table`` are the two-player Shapley values of
@@ -120,8 +124,17 @@ def shapley_table(model_dir: str, pack_dir: str, splits: tuple[str, ...] = ("tra
         data = tensors_for(pack, rows, scaler)
         phi = shapley_on(model, data, dev)
         for task, v in phi.items():
-            frames.append(pd.DataFrame({"plan_key": data.keys, "split": split, "task": task,
-                                        "phi_image": v[:, 0].astype(float), "phi_table": v[:, 1].astype(float)}))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "plan_key": data.keys,
+                        "split": split,
+                        "task": task,
+                        "phi_image": v[:, 0].astype(float),
+                        "phi_table": v[:, 1].astype(float),
+                    }
+                )
+            )
     if not frames:
         return pd.DataFrame(columns=["plan_key", "split", "task", "phi_image", "phi_table"])
     return pd.concat(frames, ignore_index=True)

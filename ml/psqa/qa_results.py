@@ -23,6 +23,8 @@ import pandas as pd
 from ml.data.dicom.deid import Pseudonymizer
 from ml.utils.tables import typed_frame
 
+__all__ = ["QA_TABLE_COLUMNS", "normalise_criterion", "read_qa_results"]
+
 QA_TABLE_COLUMNS = {"patient_id": "str", "plan_uid": "str", "beam": "int64", "criterion": "str", "gpr": "float64"}
 _CRITERION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*/\s*(\d+(?:\.\d+)?)\s*mm\s*$", re.IGNORECASE)
 
@@ -62,6 +64,13 @@ def read_qa_results(path: str | os.PathLike, pseudonymizer: Pseudonymizer) -> tu
         if crit is None or beam is None or not np.isfinite(gpr) or not (0 <= gpr <= 100) or not pid or not uid:
             bad += 1
             continue
-        rows.append({"patient_id": pseudonymizer.patient(f"id:{pid}"), "plan_uid": pseudonymizer.uid(uid),
-                     "beam": beam, "criterion": crit, "gpr": gpr})
+        rows.append(
+            {
+                "patient_id": pseudonymizer.patient(f"id:{pid}"),
+                "plan_uid": pseudonymizer.uid(uid),
+                "beam": beam,
+                "criterion": crit,
+                "gpr": gpr,
+            }
+        )
     return typed_frame(rows, QA_TABLE_COLUMNS), bad

@@ -39,16 +39,25 @@ from ml.psqa.sequencing import format_ds
 __all__ = [
     "DOSE_GRID_SCALING",
     "QA_CSV_COLUMNS",
+    "atomic_write",
     "quantise_dose",
-    "rt_plan_dataset",
     "rt_dose_dataset",
+    "rt_plan_dataset",
     "write_dataset",
     "write_qa_csv",
-    "atomic_write",
 ]
 
-QA_CSV_COLUMNS = ("PatientID", "PatientName", "PlanLabel", "PlanSOPInstanceUID", "BeamNumber", "Criterion",
-                  "GPR", "Device", "MeasuredOn")
+QA_CSV_COLUMNS = (
+    "PatientID",
+    "PatientName",
+    "PlanLabel",
+    "PlanSOPInstanceUID",
+    "BeamNumber",
+    "Criterion",
+    "GPR",
+    "Device",
+    "MeasuredOn",
+)
 _MANUFACTURER_TPS = "PSQA Synthetic TPS"
 _MANUFACTURER_QA = "PSQA Synthetic Dosimetry"
 
@@ -58,10 +67,20 @@ def quantise_dose(dose_gy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _w.quantise_dose(dose_gy, DOSE_GRID_SCALING, bits=32)
 
 
-def _header(header: StudyHeader, *, sop_class: str, sop_uid: str, modality: str, series_uid: str,
-            series_number: int, content_date: _dt.date | None = None, content_time: str | None = None):
-    ds = header.dataset(sop_class=sop_class, sop_uid=sop_uid, modality=modality, series_uid=series_uid,
-                        series_number=series_number)
+def _header(
+    header: StudyHeader,
+    *,
+    sop_class: str,
+    sop_uid: str,
+    modality: str,
+    series_uid: str,
+    series_number: int,
+    content_date: _dt.date | None = None,
+    content_time: str | None = None,
+):
+    ds = header.dataset(
+        sop_class=sop_class, sop_uid=sop_uid, modality=modality, series_uid=series_uid, series_number=series_number
+    )
     ds.file_meta.ImplementationVersionName = "PSQA_QASIM_1"
     if content_date is not None:
         ds.SeriesDate = ds.ContentDate = content_date.strftime("%Y%m%d")
@@ -91,13 +110,30 @@ def _position(kind: str, values) -> object:
     return d
 
 
-def rt_plan_dataset(plan: Plan, header: StudyHeader, *, sop_uid: str, series_uid: str, plan_date: _dt.date,
-                    plan_time: str, dose_reference_uid: str, beam_doses_gy: dict[int, float] | None = None):
+def rt_plan_dataset(
+    plan: Plan,
+    header: StudyHeader,
+    *,
+    sop_uid: str,
+    series_uid: str,
+    plan_date: _dt.date,
+    plan_time: str,
+    dose_reference_uid: str,
+    beam_doses_gy: dict[int, float] | None = None,
+):
     """RT Plan Storage dataset of a step-and-shoot photon ``plan`` (all devices in every control point)."""
     from pydicom.dataset import Dataset
 
-    ds = _header(header, sop_class=RT_PLAN_STORAGE, sop_uid=sop_uid, modality="RTPLAN", series_uid=series_uid,
-                 series_number=1, content_date=plan_date, content_time=plan_time)
+    ds = _header(
+        header,
+        sop_class=RT_PLAN_STORAGE,
+        sop_uid=sop_uid,
+        modality="RTPLAN",
+        series_uid=series_uid,
+        series_number=1,
+        content_date=plan_date,
+        content_time=plan_time,
+    )
     ds.Manufacturer = _MANUFACTURER_TPS
     ds.ManufacturerModelName = "PSQA QA simulator (TPS model)"
     ds.FrameOfReferenceUID = header.frame_of_reference_uid
@@ -167,7 +203,10 @@ def rt_plan_dataset(plan: Plan, header: StudyHeader, *, sop_uid: str, series_uid
         b.PrimaryDosimeterUnit = "MU"
         b.SourceAxisDistance = format_ds(beam.sad_mm, 4)
         b.BeamLimitingDeviceSequence = [
-            _device("ASYMX"), _device("ASYMY"), _device("MLCX", beam.n_pairs, beam.leaf_boundaries)]
+            _device("ASYMX"),
+            _device("ASYMY"),
+            _device("MLCX", beam.n_pairs, beam.leaf_boundaries),
+        ]
         b.BeamNumber = int(beam.number)
         b.BeamName = beam.name
         b.BeamDescription = f"IMRT field {beam.number}"
@@ -187,8 +226,10 @@ def rt_plan_dataset(plan: Plan, header: StudyHeader, *, sop_uid: str, series_uid
                 c.NominalBeamEnergy = format_ds(beam.energy_mv, 2)
                 c.DoseRateSet = "600"
             c.BeamLimitingDevicePositionSequence = [
-                _position("ASYMX", cp.jaw_x), _position("ASYMY", cp.jaw_y),
-                _position("MLCX", np.concatenate([cp.mlc_a, cp.mlc_b]))]
+                _position("ASYMX", cp.jaw_x),
+                _position("ASYMY", cp.jaw_y),
+                _position("MLCX", np.concatenate([cp.mlc_a, cp.mlc_b])),
+            ]
             if cp.index == 0:
                 c.GantryAngle = format_ds(cp.gantry_angle, 2)
                 c.GantryRotationDirection = "NONE"
@@ -211,16 +252,37 @@ def rt_plan_dataset(plan: Plan, header: StudyHeader, *, sop_uid: str, series_uid
     return ds
 
 
-def rt_dose_dataset(stored: np.ndarray, header: StudyHeader, *, sop_uid: str, series_uid: str, series_number: int,
-                    instance_number: int, plan_sop_uid: str, beam_number: int | None, summation: str,
-                    spacing_mm: float, content_date: _dt.date, content_time: str, measured: bool,
-                    device: str = ""):
+def rt_dose_dataset(
+    stored: np.ndarray,
+    header: StudyHeader,
+    *,
+    sop_uid: str,
+    series_uid: str,
+    series_number: int,
+    instance_number: int,
+    plan_sop_uid: str,
+    beam_number: int | None,
+    summation: str,
+    spacing_mm: float,
+    content_date: _dt.date,
+    content_time: str,
+    measured: bool,
+    device: str = "",
+):
     """A single-frame coronal RT Dose (module docstring) of ``stored`` (uint32, DoseGridScaling 1e-6)."""
     from pydicom.dataset import Dataset
 
     rows, cols = stored.shape
-    ds = _header(header, sop_class=RT_DOSE_STORAGE, sop_uid=sop_uid, modality="RTDOSE", series_uid=series_uid,
-                 series_number=series_number, content_date=content_date, content_time=content_time)
+    ds = _header(
+        header,
+        sop_class=RT_DOSE_STORAGE,
+        sop_uid=sop_uid,
+        modality="RTDOSE",
+        series_uid=series_uid,
+        series_number=series_number,
+        content_date=content_date,
+        content_time=content_time,
+    )
     if measured:
         ds.Manufacturer = _MANUFACTURER_QA
         ds.ManufacturerModelName = device or "QA array"
@@ -243,7 +305,8 @@ def rt_dose_dataset(stored: np.ndarray, header: StudyHeader, *, sop_uid: str, se
         summation_type=summation,
     )
     ds.DoseComment = ("measured" if measured else "planned") + (
-        f" beam {beam_number}" if beam_number is not None else " composite")
+        f" beam {beam_number}" if beam_number is not None else " composite"
+    )
     ref = Dataset()
     ref.ReferencedSOPClassUID = RT_PLAN_STORAGE
     ref.ReferencedSOPInstanceUID = plan_sop_uid

@@ -47,15 +47,16 @@ __all__ = [
     "MLC_BOUNDARIES_MM",
     "N_LEAF_PAIRS",
     "Segment",
-    "sweep_sequence",
-    "segments_fluence",
     "beam_from_levels",
     "format_ds",
+    "segments_fluence",
+    "sweep_sequence",
 ]
 
 #: LeafPositionBoundaries (mm): 10 x 10 mm, 40 x 5 mm, 10 x 10 mm (Millennium 120-like).
-MLC_BOUNDARIES_MM: np.ndarray = np.concatenate([
-    np.arange(-200.0, -100.0, 10.0), np.arange(-100.0, 100.0, 5.0), np.arange(100.0, 200.1, 10.0)])
+MLC_BOUNDARIES_MM: np.ndarray = np.concatenate(
+    [np.arange(-200.0, -100.0, 10.0), np.arange(-100.0, 100.0, 5.0), np.arange(100.0, 200.1, 10.0)]
+)
 N_LEAF_PAIRS: int = len(MLC_BOUNDARIES_MM) - 1  # 60
 
 
@@ -132,10 +133,18 @@ def segments_fluence(segments: list[Segment], x_edges: np.ndarray) -> np.ndarray
     return out
 
 
-def beam_from_levels(segments: list[Segment], *, number: int, name: str, mu_per_level: float,
-                     gantry_angle: float, leaf_boundaries: np.ndarray = MLC_BOUNDARIES_MM,
-                     jaw_margin_x_mm: float = 1.0, energy_mv: float = 6.0,
-                     treatment_machine: str = "") -> Beam:
+def beam_from_levels(
+    segments: list[Segment],
+    *,
+    number: int,
+    name: str,
+    mu_per_level: float,
+    gantry_angle: float,
+    leaf_boundaries: np.ndarray = MLC_BOUNDARIES_MM,
+    jaw_margin_x_mm: float = 1.0,
+    energy_mv: float = 6.0,
+    treatment_machine: str = "",
+) -> Beam:
     """A step-and-shoot ``Beam`` from sequenced segments (two control points per segment).
 
     MU and weights are rounded as the RT Plan will store them (``format_ds``), so a written and
@@ -162,11 +171,26 @@ def beam_from_levels(segments: list[Segment], *, number: int, name: str, mu_per_
     for s in segments:
         for units in (done, done + s.units):
             w = float(format_ds(units / total_units, 12))
-            cps.append(ControlPoint(index=len(cps), cumulative_meterset_weight=w, gantry_angle=float(gantry_angle),
-                                    collimator_angle=0.0, jaw_x=(x1, x2), jaw_y=(y1, y2),
-                                    mlc_a=s.mlc_a.astype(float).copy(), mlc_b=s.mlc_b.astype(float).copy()))
+            cps.append(
+                ControlPoint(
+                    index=len(cps),
+                    cumulative_meterset_weight=w,
+                    gantry_angle=float(gantry_angle),
+                    collimator_angle=0.0,
+                    jaw_x=(x1, x2),
+                    jaw_y=(y1, y2),
+                    mlc_a=s.mlc_a.astype(float).copy(),
+                    mlc_b=s.mlc_b.astype(float).copy(),
+                )
+            )
         done += s.units
-    return Beam(number=int(number), name=str(name), meterset_mu=meterset, leaf_boundaries=bnd.copy(),
-                control_points=cps, energy_mv=float(energy_mv),
-                delivery="STATIC" if len(segments) == 1 else "STEP_AND_SHOOT",
-                treatment_machine=str(treatment_machine))
+    return Beam(
+        number=int(number),
+        name=str(name),
+        meterset_mu=meterset,
+        leaf_boundaries=bnd.copy(),
+        control_points=cps,
+        energy_mv=float(energy_mv),
+        delivery="STATIC" if len(segments) == 1 else "STEP_AND_SHOOT",
+        treatment_machine=str(treatment_machine),
+    )

@@ -25,6 +25,16 @@ from torch.nn import functional as F
 
 from ml.psqa.bmmqa import AttentionFusion, coalition_masks
 
+__all__ = [
+    "MultiModalNet",
+    "coalition_shapley",
+    "naive_bmmqa_coalitions",
+    "normalised_contributions",
+    "shapley_values",
+    "shapley_weights",
+    "task_errors",
+]
+
 
 def shapley_weights(n: int) -> torch.Tensor:
     """(n, 2^n) matrix W with phi = W @ v for values v ordered as ``coalition_masks(n)``."""
@@ -46,7 +56,7 @@ def shapley_weights(n: int) -> torch.Tensor:
 
 def shapley_values(values: torch.Tensor) -> torch.Tensor:
     """``values``: (2^M, ...) in ``coalition_masks`` order -> (M, ...) Shapley values."""
-    n = int(round(math.log2(values.shape[0])))
+    n = round(math.log2(values.shape[0]))
     w = shapley_weights(n).to(values.device, values.dtype)
     return torch.tensordot(w, values, dims=([1], [0]))
 
@@ -67,13 +77,21 @@ class MultiModalNet(nn.Module):
     def __init__(self, n_modalities: int = 4, width: int = 32, embed: int = 64, n_out: int = 4) -> None:
         super().__init__()
         self.m = n_modalities
-        self.encoders = nn.ModuleList([
-            nn.Sequential(
-                nn.Conv2d(1, width, 3, padding=1), nn.GELU(), nn.Conv2d(width, width, 3, stride=2, padding=1), nn.GELU(),
-                nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.GELU(),
-                nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.GELU(),
-            ) for _ in range(n_modalities)
-        ])
+        self.encoders = nn.ModuleList(
+            [
+                nn.Sequential(
+                    nn.Conv2d(1, width, 3, padding=1),
+                    nn.GELU(),
+                    nn.Conv2d(width, width, 3, stride=2, padding=1),
+                    nn.GELU(),
+                    nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+                    nn.GELU(),
+                    nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+                    nn.GELU(),
+                )
+                for _ in range(n_modalities)
+            ]
+        )
         self.proj = nn.ModuleList([nn.Linear(2 * width, embed) for _ in range(n_modalities)])
         self.fusion = AttentionFusion(embed)
         self.head = nn.Sequential(nn.Linear(embed, 32), nn.GELU(), nn.Linear(32, n_out))
@@ -108,7 +126,7 @@ class MultiModalNet(nn.Module):
         y = self.head(fused)
         proj = torch.stack([F.conv2d(f, self.map_head.weight) for f in feats])  # (M, B, 1, h, w)
         maps = torch.einsum("cm,mbohw->cbohw", masks.to(proj.dtype), proj) + self.map_head.bias[:, None, None]
-        return [{"y": y[i * b:(i + 1) * b], "map": maps[i]} for i in range(n)]
+        return [{"y": y[i * b : (i + 1) * b], "map": maps[i]} for i in range(n)]
 
     def naive_coalitions(self, xs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         masks = coalition_masks(self.m, device=xs[0].device)
@@ -134,8 +152,12 @@ def naive_bmmqa_coalitions(model, image: torch.Tensor, table: torch.Tensor):
     return out
 
 
-def task_errors(outputs: dict[str, torch.Tensor], gpr: torch.Tensor | None, dd: torch.Tensor | None,
-                dd_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def task_errors(
+    outputs: dict[str, torch.Tensor],
+    gpr: torch.Tensor | None,
+    dd: torch.Tensor | None,
+    dd_mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """Per-sample absolute errors per task (the negated value function)."""
     errs = {}
     if gpr is not None and "gpr" in outputs:
@@ -149,9 +171,11 @@ def task_errors(outputs: dict[str, torch.Tensor], gpr: torch.Tensor | None, dd: 
     return errs
 
 
-def coalition_shapley(coalition_outputs: dict[tuple[str, ...], dict[str, torch.Tensor]],
-                      error_fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
-                      modalities: tuple[str, ...] = ("image", "table")) -> dict[str, torch.Tensor]:
+def coalition_shapley(
+    coalition_outputs: dict[tuple[str, ...], dict[str, torch.Tensor]],
+    error_fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    modalities: tuple[str, ...] = ("image", "table"),
+) -> dict[str, torch.Tensor]:
     """Per task: (M, B) per-sample Shapley values with v(S) = -error(S)."""
     masks = coalition_masks(len(modalities))
     keys = [tuple(m for m, on in zip(modalities, mask.tolist(), strict=True) if on) for mask in masks]

@@ -102,22 +102,22 @@ from ml.psqa.rt_writers import (
 from ml.psqa.sequencing import MLC_BOUNDARIES_MM, beam_from_levels, sweep_sequence
 
 __all__ = [
-    "SITES",
     "LINACS",
-    "QA_CRITERIA",
     "NOISELESS",
-    "SimConfig",
-    "Site",
+    "QA_CRITERIA",
+    "SITES",
     "Linac",
     "MachineState",
+    "SimConfig",
+    "Site",
+    "csv_name",
+    "delivered_beam",
     "draw_plan",
     "machine_state",
     "perfect_state",
-    "delivered_beam",
     "plan_planes",
-    "simulate_plan",
     "simulate",
-    "csv_name",
+    "simulate_plan",
 ]
 
 #: criteria of the QA export, (dose %, DTA mm)
@@ -141,16 +141,56 @@ class Site:
 
 
 SITES: tuple[Site, ...] = (
-    Site("HN", 0.30, ((70.0, 35), (66.0, 33), (60.0, 30), (54.0, 30)), (60.0, 150.0),
-         (("horseshoe", 0.45), ("irregular", 0.40), ("ellipse", 0.15)), (6, 20), (7, 9), (0.35, 0.8)),
-    Site("PROSTATE", 0.25, ((78.0, 39), (60.0, 20), (70.0, 28)), (40.0, 100.0),
-         (("ellipse", 0.45), ("irregular", 0.45), ("horseshoe", 0.10)), (3, 12), (5, 7), (0.15, 0.5)),
-    Site("BRAIN", 0.15, ((60.0, 30), (54.0, 30), (40.05, 15)), (30.0, 90.0),
-         (("ellipse", 0.5), ("irregular", 0.5)), (3, 14), (5, 7), (0.15, 0.6)),
-    Site("LUNG", 0.15, ((60.0, 30), (66.0, 33), (55.0, 20)), (35.0, 120.0),
-         (("ellipse", 0.4), ("irregular", 0.6)), (3, 12), (5, 7), (0.15, 0.55)),
-    Site("PELVIS", 0.15, ((50.4, 28), (45.0, 25), (50.0, 25)), (80.0, 150.0),
-         (("horseshoe", 0.4), ("irregular", 0.45), ("ellipse", 0.15)), (4, 16), (7, 9), (0.25, 0.7)),
+    Site(
+        "HN",
+        0.30,
+        ((70.0, 35), (66.0, 33), (60.0, 30), (54.0, 30)),
+        (60.0, 150.0),
+        (("horseshoe", 0.45), ("irregular", 0.40), ("ellipse", 0.15)),
+        (6, 20),
+        (7, 9),
+        (0.35, 0.8),
+    ),
+    Site(
+        "PROSTATE",
+        0.25,
+        ((78.0, 39), (60.0, 20), (70.0, 28)),
+        (40.0, 100.0),
+        (("ellipse", 0.45), ("irregular", 0.45), ("horseshoe", 0.10)),
+        (3, 12),
+        (5, 7),
+        (0.15, 0.5),
+    ),
+    Site(
+        "BRAIN",
+        0.15,
+        ((60.0, 30), (54.0, 30), (40.05, 15)),
+        (30.0, 90.0),
+        (("ellipse", 0.5), ("irregular", 0.5)),
+        (3, 14),
+        (5, 7),
+        (0.15, 0.6),
+    ),
+    Site(
+        "LUNG",
+        0.15,
+        ((60.0, 30), (66.0, 33), (55.0, 20)),
+        (35.0, 120.0),
+        (("ellipse", 0.4), ("irregular", 0.6)),
+        (3, 12),
+        (5, 7),
+        (0.15, 0.55),
+    ),
+    Site(
+        "PELVIS",
+        0.15,
+        ((50.4, 28), (45.0, 25), (50.0, 25)),
+        (80.0, 150.0),
+        (("horseshoe", 0.4), ("irregular", 0.45), ("ellipse", 0.15)),
+        (4, 16),
+        (7, 9),
+        (0.25, 0.7),
+    ),
 )
 
 
@@ -253,10 +293,18 @@ def _draw_target(rng: np.random.Generator, site: Site) -> _Target:
     axes = np.array([big, big * ratios[0], big * ratios[1]])
     rng.shuffle(axes)
     harm = tuple((float(rng.uniform(0.0, 0.18)), float(rng.uniform(0, 2 * np.pi))) for _ in range(3))
-    return _Target(shape=shape, a=float(axes[0]), c=float(axes[1]), b=float(axes[2]),
-                   cx=float(rng.normal(0, 5.0)), cy=float(rng.normal(0, 5.0)),
-                   harmonics=harm if shape == "irregular" else (), inner=float(rng.uniform(0.35, 0.6)),
-                   gap_half_deg=float(rng.uniform(35.0, 70.0)), gap_dir_deg=float(rng.choice([90.0, 270.0])))
+    return _Target(
+        shape=shape,
+        a=float(axes[0]),
+        c=float(axes[1]),
+        b=float(axes[2]),
+        cx=float(rng.normal(0, 5.0)),
+        cy=float(rng.normal(0, 5.0)),
+        harmonics=harm if shape == "irregular" else (),
+        inner=float(rng.uniform(0.35, 0.6)),
+        gap_half_deg=float(rng.uniform(35.0, 70.0)),
+        gap_dir_deg=float(rng.choice([90.0, 270.0])),
+    )
 
 
 def _target_mask(t: _Target, gantry_deg: float, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -281,8 +329,15 @@ def _bixel_grid(width_mm: float) -> np.ndarray:
     return np.arange(-110.0, 110.0 + 1e-9, width_mm)
 
 
-def _intensity(rng: np.random.Generator, t: _Target, gantry: float, x_edges: np.ndarray,
-               modulation: float, k_levels: int, texture: tuple[float, float] = (1.5, 0.5)) -> np.ndarray:
+def _intensity(
+    rng: np.random.Generator,
+    t: _Target,
+    gantry: float,
+    x_edges: np.ndarray,
+    modulation: float,
+    k_levels: int,
+    texture: tuple[float, float] = (1.5, 0.5),
+) -> np.ndarray:
     """Integer levels ``(n_pairs, J)`` of one beam (0 outside the target projection)."""
     bnd = MLC_BOUNDARIES_MM
     xc = (x_edges[:-1] + x_edges[1:]) / 2.0
@@ -313,7 +368,7 @@ def _intensity(rng: np.random.Generator, t: _Target, gantry: float, x_edges: np.
     field += modulation * texture[1] * noise / sd
     if t.shape == "horseshoe" and rng.random() < 0.7:  # spare the organ at risk in the concavity
         d = np.hypot((X - t.cx) / max(t.a, 1.0), (Y - t.cy) / t.b)
-        field -= modulation * 0.6 * np.exp(-(d / max(t.inner, 0.2)) ** 2)
+        field -= modulation * 0.6 * np.exp(-((d / max(t.inner, 0.2)) ** 2))
     field = np.clip(field, 0.08, None)
     field = field / float(field[cover].max())
     levels = np.where(cover, np.maximum(np.rint(field * k_levels), 1), 0)
@@ -346,16 +401,42 @@ def draw_plan(rng: np.random.Generator, label_prefix: str = "") -> tuple[Plan, d
         segs = sweep_sequence(lv, x_edges)
         mean_level = float(lv[lv > 0].mean())
         mu_per_level = norm * dpf / n_beams / (_TPS.gy_per_mu * 0.93) / mean_level * depth
-        beams.append(beam_from_levels(segs, number=i + 1, name=f"G{int(round(g)):03d}", mu_per_level=mu_per_level,
-                                      gantry_angle=g, treatment_machine=""))
+        beams.append(
+            beam_from_levels(
+                segs,
+                number=i + 1,
+                name=f"G{round(g):03d}",
+                mu_per_level=mu_per_level,
+                gantry_angle=g,
+                treatment_machine="",
+            )
+        )
     label = f"{label_prefix}{site.code[:4]}_{n_beams}F"
-    plan = Plan(label=label[:16], beams=beams, prescription_gy=rx, fractions=fx,
-                meta={"site": site.code, "shape": target.shape, "levels": k_levels, "bixel_mm": bixel,
-                      "modulation": modulation})
-    return plan, {"site": site.code, "shape": target.shape, "target_mm": round(2 * max(target.a, target.b, target.c), 1),
-                  "k_levels": k_levels, "bixel_mm": bixel, "modulation": round(modulation, 3),
-                  "texture_mm": round(texture[0], 2), "texture_amp": round(texture[1], 3), "prescription_gy": rx,
-                  "fractions": fx}
+    plan = Plan(
+        label=label[:16],
+        beams=beams,
+        prescription_gy=rx,
+        fractions=fx,
+        meta={
+            "site": site.code,
+            "shape": target.shape,
+            "levels": k_levels,
+            "bixel_mm": bixel,
+            "modulation": modulation,
+        },
+    )
+    return plan, {
+        "site": site.code,
+        "shape": target.shape,
+        "target_mm": round(2 * max(target.a, target.b, target.c), 1),
+        "k_levels": k_levels,
+        "bixel_mm": bixel,
+        "modulation": round(modulation, 3),
+        "texture_mm": round(texture[0], 2),
+        "texture_amp": round(texture[1], 3),
+        "prescription_gy": rx,
+        "fractions": fx,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,20 +463,25 @@ class MachineState:
     stuck_segment_fraction: float = 0.0
 
 
-def machine_state(rng: np.random.Generator, plan: Plan, cfg: SimConfig = SimConfig(),
-                  linac: Linac | None = None) -> MachineState:
+def machine_state(
+    rng: np.random.Generator, plan: Plan, cfg: SimConfig = SimConfig(), linac: Linac | None = None
+) -> MachineState:
     """The day's machine state for ``plan`` (independent of the plan's complexity)."""
     lin = linac if linac is not None else LINACS[int(rng.integers(0, len(LINACS)))]
     n_pairs = plan.beams[0].n_pairs
-    model = replace(_TPS,
-                    dlg_mm=_TPS.dlg_mm + lin.dlg_offset_mm + float(rng.normal(0, cfg.dlg_day_sd_mm)),
-                    transmission=max(0.0, _TPS.transmission + lin.transmission_offset
-                                     + float(rng.normal(0, cfg.transmission_day_sd))),
-                    primary_sigma_mm=_TPS.primary_sigma_mm * lin.primary_sigma_factor
-                    * (1.0 + float(rng.normal(0, cfg.sigma_day_sd))),
-                    head_scatter_amplitude=lin.head_scatter_amplitude,
-                    tg_width_mm=lin.tg_width_mm * float(rng.uniform(0.8, 1.2)),
-                    detector_sigma_mm=lin.detector_sigma_mm)
+    model = replace(
+        _TPS,
+        dlg_mm=_TPS.dlg_mm + lin.dlg_offset_mm + float(rng.normal(0, cfg.dlg_day_sd_mm)),
+        transmission=max(
+            0.0, _TPS.transmission + lin.transmission_offset + float(rng.normal(0, cfg.transmission_day_sd))
+        ),
+        primary_sigma_mm=_TPS.primary_sigma_mm
+        * lin.primary_sigma_factor
+        * (1.0 + float(rng.normal(0, cfg.sigma_day_sd))),
+        head_scatter_amplitude=lin.head_scatter_amplitude,
+        tg_width_mm=lin.tg_width_mm * float(rng.uniform(0.8, 1.2)),
+        detector_sigma_mm=lin.detector_sigma_mm,
+    )
     bank_a = lin.bank_a_mm + float(rng.normal(0, cfg.bank_day_sd_mm))
     bank_b = lin.bank_b_mm + float(rng.normal(0, cfg.bank_day_sd_mm))
     leaf_a = rng.normal(0, cfg.leaf_sd_mm, n_pairs)
@@ -409,8 +495,7 @@ def machine_state(rng: np.random.Generator, plan: Plan, cfg: SimConfig = SimConf
     if u < cfg.p_stuck_leaf:
         fault = "stuck_leaf"
         # a leaf group that stops moving part-way through every beam (pairs the plan uses)
-        used = np.nonzero(np.any([ap.mlc_b - ap.mlc_a > 1e-6 for b in plan.beams for ap in b.apertures()],
-                                 axis=0))[0]
+        used = np.nonzero(np.any([ap.mlc_b - ap.mlc_a > 1e-6 for b in plan.beams for ap in b.apertures()], axis=0))[0]
         width = int(rng.integers(1, 4))
         p0 = int(rng.choice(used)) if used.size else n_pairs // 2
         stuck = tuple(int(p) for p in range(p0, min(n_pairs, p0 + width)))
@@ -431,10 +516,23 @@ def machine_state(rng: np.random.Generator, plan: Plan, cfg: SimConfig = SimConf
         off = float(rng.uniform(0.025, 0.05)) * (1 if rng.random() < 0.5 else -1)
         output += off
         detail = f"output {off:+.1%}"
-    return MachineState(linac=lin, model=model, bank_a_mm=bank_a, bank_b_mm=bank_b, leaf_a_mm=leaf_a,
-                        leaf_b_mm=leaf_b, output=output, beam_output=beam_output, noise_rel=noise_rel, setup_mm=setup,
-                        fault=fault, fault_detail=detail, stuck_pairs=stuck, stuck_bank=bank,
-                        stuck_segment_fraction=frac)
+    return MachineState(
+        linac=lin,
+        model=model,
+        bank_a_mm=bank_a,
+        bank_b_mm=bank_b,
+        leaf_a_mm=leaf_a,
+        leaf_b_mm=leaf_b,
+        output=output,
+        beam_output=beam_output,
+        noise_rel=noise_rel,
+        setup_mm=setup,
+        fault=fault,
+        fault_detail=detail,
+        stuck_pairs=stuck,
+        stuck_bank=bank,
+        stuck_segment_fraction=frac,
+    )
 
 
 @dataclass
@@ -450,8 +548,9 @@ def _segments(beam: Beam) -> list[_Seg]:
     return [_Seg(ap.mu, ap.mlc_a, ap.mlc_b, ap.jaw_x, ap.jaw_y) for ap in beam.apertures()]
 
 
-def delivered_beam(beam: Beam, state: MachineState, rng: np.random.Generator, beam_index: int,
-                   cfg: SimConfig = SimConfig()) -> Beam:
+def delivered_beam(
+    beam: Beam, state: MachineState, rng: np.random.Generator, beam_index: int, cfg: SimConfig = SimConfig()
+) -> Beam:
     """The beam as the machine delivers it: perturbed leaves and segment MU (module docstring)."""
     segs = _segments(beam)
     n_seg = len(segs)
@@ -492,10 +591,16 @@ def delivered_beam(beam: Beam, state: MachineState, rng: np.random.Generator, be
         cps[2 * k].cumulative_meterset_weight = done / total
         done += mu
         cps[2 * k + 1].cumulative_meterset_weight = done / total
-    return Beam(number=beam.number, name=beam.name, meterset_mu=total,
-                leaf_boundaries=np.asarray(beam.leaf_boundaries, float) + dy,
-                control_points=cps, energy_mv=beam.energy_mv, delivery=beam.delivery,
-                treatment_machine=beam.treatment_machine)
+    return Beam(
+        number=beam.number,
+        name=beam.name,
+        meterset_mu=total,
+        leaf_boundaries=np.asarray(beam.leaf_boundaries, float) + dy,
+        control_points=cps,
+        energy_mv=beam.energy_mv,
+        delivery=beam.delivery,
+        treatment_machine=beam.treatment_machine,
+    )
 
 
 def _measure(dose: np.ndarray, state: MachineState, rng: np.random.Generator, cfg: SimConfig) -> np.ndarray:
@@ -543,8 +648,13 @@ def _phi(seed: int, batch: int, patient: int) -> PlantedPHI:
 def _gpr(measured: np.ndarray, planned: np.ndarray, spacing: float) -> dict[str, float]:
     from ml.metrics.gamma import gamma_pass_rates
 
-    return gamma_pass_rates(measured.astype(np.float32), planned.astype(np.float32), spacing,
-                            criteria=QA_CRITERIA, lower_cutoff_percent=10.0)
+    return gamma_pass_rates(
+        measured.astype(np.float32),
+        planned.astype(np.float32),
+        spacing,
+        criteria=QA_CRITERIA,
+        lower_cutoff_percent=10.0,
+    )
 
 
 def _criterion(dp: int, dta: int) -> str:
@@ -553,20 +663,33 @@ def _criterion(dp: int, dta: int) -> str:
 
 def perfect_state(plan: Plan) -> MachineState:
     """A machine identical to the TPS model, measured by an ideal detector (no error of any kind)."""
-    ideal = Linac("IDEAL", "PSQA ideal detector SN0", 0.0, 0.0, 1.0, _TPS.head_scatter_amplitude, 0.0, 0.0, 0.0,
-                  0.0, 0.0, 1, 1)
+    ideal = Linac(
+        "IDEAL", "PSQA ideal detector SN0", 0.0, 0.0, 1.0, _TPS.head_scatter_amplitude, 0.0, 0.0, 0.0, 0.0, 0.0, 1, 1
+    )
     n_beams, n_pairs = len(plan.beams), plan.beams[0].n_pairs
-    return MachineState(linac=ideal, model=_TPS, bank_a_mm=0.0, bank_b_mm=0.0, leaf_a_mm=np.zeros(n_pairs),
-                        leaf_b_mm=np.zeros(n_pairs), output=0.0, beam_output=np.zeros(n_beams), noise_rel=0.0,
-                        setup_mm=np.zeros((n_beams, 2)), fault="", fault_detail="")
+    return MachineState(
+        linac=ideal,
+        model=_TPS,
+        bank_a_mm=0.0,
+        bank_b_mm=0.0,
+        leaf_a_mm=np.zeros(n_pairs),
+        leaf_b_mm=np.zeros(n_pairs),
+        output=0.0,
+        beam_output=np.zeros(n_beams),
+        noise_rel=0.0,
+        setup_mm=np.zeros((n_beams, 2)),
+        fault="",
+        fault_detail="",
+    )
 
 
 #: a ``SimConfig`` without any random delivery or detector error (for ``perfect_state`` checks)
 NOISELESS = SimConfig(leaf_jitter_sd_mm=0.0, segment_mu_sd=0.0, noise_background=0.0, calibration_sd=0.0)
 
 
-def plan_planes(plan: Plan, state: MachineState, rng: np.random.Generator,
-                cfg: SimConfig = SimConfig()) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+def plan_planes(
+    plan: Plan, state: MachineState, rng: np.random.Generator, cfg: SimConfig = SimConfig()
+) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     """``({beam: planned plane}, {beam: measured plane})`` in Gy (unquantised): the TPS model's
     planes and what the QA device reports for the delivery of ``state``."""
     planned, measured = {}, {}
@@ -582,16 +705,39 @@ def _gy(stored: np.ndarray) -> np.ndarray:
     return (stored.astype(np.float64) * DOSE_GRID_SCALING).astype(np.float32)
 
 
-def _write_plan_files(plan_dir: Path, plan: Plan, header: StudyHeader, uid, key: tuple, planned_st: dict,
-                      measured_st: dict, planned_comp: np.ndarray, measured_comp: np.ndarray, *, plan_date, plan_time,
-                      qa_date, qa_time, device: str, spacing_mm: float) -> list[Path]:
+def _write_plan_files(
+    plan_dir: Path,
+    plan: Plan,
+    header: StudyHeader,
+    uid,
+    key: tuple,
+    planned_st: dict,
+    measured_st: dict,
+    planned_comp: np.ndarray,
+    measured_comp: np.ndarray,
+    *,
+    plan_date,
+    plan_time,
+    qa_date,
+    qa_time,
+    device: str,
+    spacing_mm: float,
+) -> list[Path]:
     plan_uid = plan.sop_instance_uid
     # BeamDose: each beam's mean planned dose over the composite's high-dose region (the dose reference)
     pc = _gy(planned_comp)
     high = pc >= 0.9 * float(pc.max())
     beam_doses = {n: float(_gy(st)[high].mean()) for n, st in planned_st.items()}
-    ds = rt_plan_dataset(plan, header, sop_uid=plan_uid, series_uid=uid("plan-series", *key), plan_date=plan_date,
-                         plan_time=plan_time, dose_reference_uid=uid("dose-reference", *key), beam_doses_gy=beam_doses)
+    ds = rt_plan_dataset(
+        plan,
+        header,
+        sop_uid=plan_uid,
+        series_uid=uid("plan-series", *key),
+        plan_date=plan_date,
+        plan_time=plan_time,
+        dose_reference_uid=uid("dose-reference", *key),
+        beam_doses_gy=beam_doses,
+    )
     written = [write_dataset(ds, plan_dir / f"RP_{plan.label}.dcm")]
     items = [(f"RD_planned_beam{n}.dcm", st, n, "BEAM", False) for n, st in planned_st.items()]
     items.append(("RD_planned_plan.dcm", planned_comp, None, "PLAN", False))
@@ -599,12 +745,22 @@ def _write_plan_files(plan_dir: Path, plan: Plan, header: StudyHeader, uid, key:
     items.append(("RD_measured_plan.dcm", measured_comp, None, "RECORD", True))
     for k, (name, st, beam_no, summation, measured) in enumerate(items):
         role = "measured" if measured else "planned"
-        rd = rt_dose_dataset(st, header, sop_uid=uid("dose", *key, name), series_uid=uid(role, *key),
-                             series_number=3 if measured else 2, instance_number=k + 1, plan_sop_uid=plan_uid,
-                             beam_number=beam_no, summation=summation, spacing_mm=spacing_mm,
-                             content_date=qa_date if measured else plan_date,
-                             content_time=qa_time if measured else plan_time, measured=measured,
-                             device=device if measured else "")
+        rd = rt_dose_dataset(
+            st,
+            header,
+            sop_uid=uid("dose", *key, name),
+            series_uid=uid(role, *key),
+            series_number=3 if measured else 2,
+            instance_number=k + 1,
+            plan_sop_uid=plan_uid,
+            beam_number=beam_no,
+            summation=summation,
+            spacing_mm=spacing_mm,
+            content_date=qa_date if measured else plan_date,
+            content_time=qa_time if measured else plan_time,
+            measured=measured,
+            device=device if measured else "",
+        )
         written.append(write_dataset(rd, plan_dir / name))
     keep = {p.name for p in written}
     for stale in [*plan_dir.glob("RP_*.dcm"), *plan_dir.glob("RD_*.dcm")]:  # left by an earlier run
@@ -651,33 +807,75 @@ def simulate_plan(task: _Task) -> dict:
     patient_folder = f"{phi.family_name}_{phi.patient_id}"
     plan_dir = Path(task.out_dir) / patient_folder / plan.label
     if task.write:
-        header = StudyHeader(phi=phi, study_uid=uid("study", *key), frame_of_reference_uid=uid("frame", *key),
-                             study_date=plan_date, study_time=plan_time, sex=sex)
-        _write_plan_files(plan_dir, plan, header, uid, key, planned_st, measured_st, planned_comp, measured_comp,
-                          plan_date=plan_date, plan_time=plan_time, qa_date=qa_date, qa_time=qa_time,
-                          device=state.linac.device, spacing_mm=cfg.spacing_mm)
+        header = StudyHeader(
+            phi=phi,
+            study_uid=uid("study", *key),
+            frame_of_reference_uid=uid("frame", *key),
+            study_date=plan_date,
+            study_time=plan_time,
+            sex=sex,
+        )
+        _write_plan_files(
+            plan_dir,
+            plan,
+            header,
+            uid,
+            key,
+            planned_st,
+            measured_st,
+            planned_comp,
+            measured_comp,
+            plan_date=plan_date,
+            plan_time=plan_time,
+            qa_date=qa_date,
+            qa_time=qa_time,
+            device=state.linac.device,
+            spacing_mm=cfg.spacing_mm,
+        )
 
     measured_on = f"{qa_date.isoformat()} {qa_time[:2]}:{qa_time[2:4]}"
     rows = []
     for beam_no, g in [("ALL", comp_gpr), *[(str(n), beam_gpr[n]) for n in sorted(beam_gpr)]]:
         for dp, dta in QA_CRITERIA:
             c = _criterion(dp, dta)
-            rows.append({"PatientID": phi.patient_id, "PatientName": phi.patient_name, "PlanLabel": plan.label,
-                         "PlanSOPInstanceUID": plan.sop_instance_uid, "BeamNumber": beam_no, "Criterion": c,
-                         "GPR": f"{g[c]:.1f}", "Device": state.linac.device, "MeasuredOn": measured_on})
+            rows.append(
+                {
+                    "PatientID": phi.patient_id,
+                    "PatientName": phi.patient_name,
+                    "PlanLabel": plan.label,
+                    "PlanSOPInstanceUID": plan.sop_instance_uid,
+                    "BeamNumber": beam_no,
+                    "Criterion": c,
+                    "GPR": f"{g[c]:.1f}",
+                    "Device": state.linac.device,
+                    "MeasuredOn": measured_on,
+                }
+            )
     summary = {
-        "batch": batch, "index": j, "patient_id": phi.patient_id, "patient_folder": patient_folder,
-        "plan_folder": f"{patient_folder}/{plan.label}", "plan_uid": plan.sop_instance_uid, "label": plan.label,
-        **info, "n_beams": len(plan.beams), "total_mu": round(plan.total_mu, 2),
-        "n_segments": int(sum(len(b.apertures()) for b in plan.beams)), "linac": state.linac.name,
-        "gpr_3_3": round(comp_gpr["3%/3mm"], 2), "gpr_3_2": round(comp_gpr["3%/2mm"], 2),
+        "batch": batch,
+        "index": j,
+        "patient_id": phi.patient_id,
+        "patient_folder": patient_folder,
+        "plan_folder": f"{patient_folder}/{plan.label}",
+        "plan_uid": plan.sop_instance_uid,
+        "label": plan.label,
+        **info,
+        "n_beams": len(plan.beams),
+        "total_mu": round(plan.total_mu, 2),
+        "n_segments": int(sum(len(b.apertures()) for b in plan.beams)),
+        "linac": state.linac.name,
+        "gpr_3_3": round(comp_gpr["3%/3mm"], 2),
+        "gpr_3_2": round(comp_gpr["3%/2mm"], 2),
         "gpr_2_2": round(comp_gpr["2%/2mm"], 2),
         "min_beam_gpr_2_2": round(min(g["2%/2mm"] for g in beam_gpr.values()), 2),
         "mean_dd_pct": round(float(dd_high.mean()), 3) if dd_high.size else 0.0,
         "sd_dd_pct": round(float(dd_high.std()), 3) if dd_high.size else 0.0,
-        "fault": state.fault or "none", "fault_detail": state.fault_detail,
-        "output_error": round(state.output, 5), "bank_a_mm": round(state.bank_a_mm, 3),
-        "bank_b_mm": round(state.bank_b_mm, 3), "dlg_mm": round(state.model.dlg_mm, 3),
+        "fault": state.fault or "none",
+        "fault_detail": state.fault_detail,
+        "output_error": round(state.output, 5),
+        "bank_a_mm": round(state.bank_a_mm, 3),
+        "bank_b_mm": round(state.bank_b_mm, 3),
+        "dlg_mm": round(state.model.dlg_mm, 3),
         "tg_width_mm": round(state.model.tg_width_mm, 3),
     }
     return {"summary": summary, "rows": rows}
@@ -714,16 +912,27 @@ def _init_worker() -> None:
         pass
 
 
-def simulate(out_dir: str | os.PathLike, n_plans: int, *, seed: int = 0, batch: int = 0, start_index: int = 0,
-             workers: int | None = None, cfg: SimConfig = SimConfig(), write: bool = True) -> list[dict]:
+def simulate(
+    out_dir: str | os.PathLike,
+    n_plans: int,
+    *,
+    seed: int = 0,
+    batch: int = 0,
+    start_index: int = 0,
+    workers: int | None = None,
+    cfg: SimConfig = SimConfig(),
+    write: bool = True,
+) -> list[dict]:
     """Simulate plans ``start_index .. start_index + n_plans - 1`` of ``batch``; write their files and
     the QA CSV under ``out_dir`` (module docstring). Returns one summary dict per plan (with the
     hidden truth: fault kind, machine state); nothing of it is written to ``out_dir``."""
     if n_plans < 0 or start_index < 0 or seed < 0 or batch < 0:
         raise ValueError("n_plans, start_index, seed and batch must be non-negative")
     out = Path(out_dir)
-    tasks = [_Task(str(out), int(seed), int(batch), j, p, k, cfg, write)
-             for j, p, k in _plans_of_patients(int(seed), int(batch), int(start_index), int(n_plans))]
+    tasks = [
+        _Task(str(out), int(seed), int(batch), j, p, k, cfg, write)
+        for j, p, k in _plans_of_patients(int(seed), int(batch), int(start_index), int(n_plans))
+    ]
     workers = min(2, os.cpu_count() or 1) if workers is None else max(1, int(workers))
     if workers == 1 or len(tasks) <= 1:
         results = [simulate_plan(t) for t in tasks]

@@ -15,6 +15,8 @@ import hashlib
 
 import pandas as pd
 
+__all__ = ["DEFAULT_FRACTIONS", "SPLITS", "assign_splits"]
+
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
 
@@ -23,9 +25,15 @@ def _h(text: str, seed: int) -> str:
     return hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()
 
 
-def assign_splits(plans: pd.DataFrame, existing: pd.DataFrame | None = None, *, seed: int = 0,
-                  fractions: tuple[float, float, float] = DEFAULT_FRACTIONS, strat_column: str = "gpr_2_2",
-                  threshold: float = 90.0) -> pd.DataFrame:
+def assign_splits(
+    plans: pd.DataFrame,
+    existing: pd.DataFrame | None = None,
+    *,
+    seed: int = 0,
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+    strat_column: str = "gpr_2_2",
+    threshold: float = 90.0,
+) -> pd.DataFrame:
     """``plans``: plan_key, patient_id, <strat_column>. Returns plan_key, patient_id, stratum, split."""
     plans = plans[["plan_key", "patient_id", strat_column]].copy()
     plans["stratum"] = (plans[strat_column] < threshold).map({True: "fail", False: "pass"})
@@ -35,7 +43,7 @@ def assign_splits(plans: pd.DataFrame, existing: pd.DataFrame | None = None, *, 
             known.setdefault(pid, split)
     # a patient's stratum: failing if any of their plans fails (rare patients matter most)
     pat = plans.groupby("patient_id")["stratum"].agg(lambda s: "fail" if (s == "fail").any() else "pass")
-    counts = {st: {sp: 0 for sp in SPLITS} for st in ("fail", "pass")}
+    counts = {st: dict.fromkeys(SPLITS, 0) for st in ("fail", "pass")}
     for pid, st in pat.items():
         if pid in known:
             counts[st][known[pid]] += 1

@@ -115,8 +115,12 @@ class TrainConfig(FitSettings):
 def build_model(cfg: TrainConfig, n_tab: int, in_channels: int, n_criteria: int) -> BMMQA:
     spec = VARIANTS[cfg.variant]
     overrides = {**spec["model"], **cfg.model}
-    mcfg = BMMQAConfig(in_channels=in_channels, n_tab=n_tab, n_criteria=n_criteria, **{
-        k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    mcfg = BMMQAConfig(
+        in_channels=in_channels,
+        n_tab=n_tab,
+        n_criteria=n_criteria,
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()},
+    )
     return BMMQA(mcfg)
 
 
@@ -126,9 +130,9 @@ class Balancer:
     def __init__(self, cfg: TrainConfig, tasks: tuple[str, ...]) -> None:
         self.cfg = cfg
         self.tasks = tasks
-        self.psi = {t: None for t in tasks}  # EMA of normalised contributions, (2,)
+        self.psi = dict.fromkeys(tasks)  # EMA of normalised contributions, (2,)
         self.epoch_psi: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
-        self.weights = {t: 1.0 for t in tasks}
+        self.weights = dict.fromkeys(tasks, 1.0)
 
     def update(self, phi: dict[str, torch.Tensor]) -> None:
         for t, v in phi.items():
@@ -168,18 +172,23 @@ class Balancer:
         return means
 
     def state(self) -> dict:
-        return {"psi": {t: (None if v is None else v.tolist()) for t, v in self.psi.items()},
-                "weights": self.weights, "epoch_psi": {t: [p.tolist() for p in v] for t, v in self.epoch_psi.items()}}
+        return {
+            "psi": {t: (None if v is None else v.tolist()) for t, v in self.psi.items()},
+            "weights": self.weights,
+            "epoch_psi": {t: [p.tolist() for p in v] for t, v in self.epoch_psi.items()},
+        }
 
     def load(self, state: dict) -> None:
         self.psi = {t: (None if v is None else np.asarray(v)) for t, v in state["psi"].items()}
         self.weights = state["weights"]
         self.epoch_psi = {t: [np.asarray(p) for p in v] for t, v in state.get("epoch_psi", {}).items()} or {
-            t: [] for t in self.tasks}
+            t: [] for t in self.tasks
+        }
 
 
-def task_losses(out: dict[str, torch.Tensor], gpr: torch.Tensor, dd: torch.Tensor, ssim_weight: float
-                ) -> dict[str, torch.Tensor]:
+def task_losses(
+    out: dict[str, torch.Tensor], gpr: torch.Tensor, dd: torch.Tensor, ssim_weight: float
+) -> dict[str, torch.Tensor]:
     losses = {}
     if "gpr" in out:
         losses["gpr"] = F.smooth_l1_loss(out["gpr"].float() / 10.0, gpr / 10.0)
@@ -213,8 +222,9 @@ class BMMQATask(TrainTask):
         self.cfg, self.model, self.train_t, self.val_t, self.device = cfg, model, train_t, val_t, device
         self.amp_dtype = resolve_amp(cfg.amp, device)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(cfg.epochs, 1),
-                                                                    eta_min=cfg.lr * 0.01)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=max(cfg.epochs, 1), eta_min=cfg.lr * 0.01
+        )
         self.loss_names = tuple(model.cfg.tasks)
         self.tag = f"[{cfg.variant}] "
         self.balance = VARIANTS[cfg.variant]["balance"]
@@ -223,7 +233,7 @@ class BMMQATask(TrainTask):
         self.n_train = len(train_t.keys)
         self.perm = torch.arange(self.n_train)
         self.modulate = False
-        self.weights = {t: 1.0 for t in self.loss_names}
+        self.weights = dict.fromkeys(self.loss_names, 1.0)
         self.alphas: list[np.ndarray] = []
         self.shapley_seconds = 0.0
 
@@ -236,19 +246,23 @@ class BMMQATask(TrainTask):
         self.perm = torch.randperm(self.n_train, generator=self.gen)
         self.modulate = self.balance and cfg.warmup_epochs <= epoch < int(cfg.modulation_end * cfg.epochs)
         on = self.balance and epoch >= cfg.warmup_epochs
-        self.weights = dict(self.balancer.weights) if on else {t: 1.0 for t in self.loss_names}
+        self.weights = dict(self.balancer.weights) if on else dict.fromkeys(self.loss_names, 1.0)
         self.alphas, self.shapley_seconds = [], 0.0
 
     def batch(self, step: int) -> dict | None:
-        idx = self.perm[step * self.cfg.batch_size:(step + 1) * self.cfg.batch_size]
+        idx = self.perm[step * self.cfg.batch_size : (step + 1) * self.cfg.batch_size]
         if len(idx) < 2:
             return None
         t, dev = self.train_t, self.device
         img = t.image[idx].to(dev, non_blocking=True)
         if dev.type == "cuda":
             img = img.contiguous(memory_format=torch.channels_last)
-        return {"image": img, "table": t.table[idx].to(dev, non_blocking=True), "gpr": t.gpr[idx].to(dev),
-                "dd": t.dd[idx].to(dev)}
+        return {
+            "image": img,
+            "table": t.table[idx].to(dev, non_blocking=True),
+            "gpr": t.gpr[idx].to(dev),
+            "dd": t.dd[idx].to(dev),
+        }
 
     def batch_size(self, batch: dict) -> int:
         return int(batch["image"].shape[0])
@@ -277,8 +291,9 @@ class BMMQATask(TrainTask):
         with torch.no_grad(), _heads_eval(self.model), autocast(self.device, self.amp_dtype):
             detached = type(enc)(z={k: v.detach() for k, v in enc.z.items()}, feats=[f.detach() for f in enc.feats])
             co = self.model.coalitions(batch["image"], batch["table"], enc=detached)
-            phi = coalition_shapley({k: {kk: vv.float() for kk, vv in v.items()} for k, v in co.items()},
-                                    lambda o: task_errors(o, gpr, dd))
+            phi = coalition_shapley(
+                {k: {kk: vv.float() for kk, vv in v.items()} for k, v in co.items()}, lambda o: task_errors(o, gpr, dd)
+            )
         self.balancer.update(phi)
         self.shapley_seconds += time.perf_counter() - ts
 
@@ -304,8 +319,12 @@ class BMMQATask(TrainTask):
         return _val_metrics(pred, self.val_t)
 
     def state_dict(self) -> dict:
-        return {"balancer": self.balancer.state(), "generator": self.gen.get_state(),
-                "alphas": [a.tolist() for a in self.alphas], "shapley_seconds": self.shapley_seconds}
+        return {
+            "balancer": self.balancer.state(),
+            "generator": self.gen.get_state(),
+            "alphas": [a.tolist() for a in self.alphas],
+            "shapley_seconds": self.shapley_seconds,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.balancer.load(state["balancer"])
@@ -314,8 +333,13 @@ class BMMQATask(TrainTask):
         self.shapley_seconds = state["shapley_seconds"]
 
 
-def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainConfig | None = None,
-          log=print, callbacks: list[Callback] | None = None) -> dict:
+def train(
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    cfg: TrainConfig | None = None,
+    log=print,
+    callbacks: list[Callback] | None = None,
+) -> dict:
     """Train (or resume) one variant; returns the final metrics dict (also in metrics.json).
 
     Writes ``config.json``, ``tab_scaler.json``, ``model_best.pt``, ``checkpoint.pt``,
@@ -340,15 +364,21 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainCon
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     task = BMMQATask(cfg, model, train_t, val_t, device)
-    (out / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "model": model.cfg.to_dict(),
-                                                 "variant": cfg.variant}, indent=2))
+    (out / "config.json").write_text(
+        json.dumps({"train": cfg.to_dict(), "model": model.cfg.to_dict(), "variant": cfg.variant}, indent=2)
+    )
     (out / "tab_scaler.json").write_text(json.dumps(scaler.to_dict()))
     monitor = "val_dd_mae" if task.loss_names == ("dd",) else f"val_mae_{PRIMARY}"
-    result = Trainer(task, cfg, out, monitor=monitor, config=cfg.to_dict(), device=device, log=log,
-                     callbacks=callbacks).fit()
+    result = Trainer(
+        task, cfg, out, monitor=monitor, config=cfg.to_dict(), device=device, log=log, callbacks=callbacks
+    ).fit()
     metrics = {
-        "variant": cfg.variant, f"best_{monitor}": result.best, **result.common_metrics(),
-        "train_samples_per_s": result.samples_per_s, "n_train": len(train_t.keys), "n_val": len(val_t.keys),
+        "variant": cfg.variant,
+        f"best_{monitor}": result.best,
+        **result.common_metrics(),
+        "train_samples_per_s": result.samples_per_s,
+        "n_train": len(train_t.keys),
+        "n_val": len(val_t.keys),
     }
     return write_metrics(out / "metrics.json", metrics)
 

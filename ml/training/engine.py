@@ -105,8 +105,12 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device.type, dtype=dtype)
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, losses: dict[str, torch.Tensor], weights: dict[str, float],
-                   grad_clip: float | None = None) -> torch.Tensor:
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    losses: dict[str, torch.Tensor],
+    weights: dict[str, float],
+    grad_clip: float | None = None,
+) -> torch.Tensor:
     """Backward of the weighted sum of the task losses, optional clipping, one optimiser step;
     returns the total loss (detached)."""
     total = sum(weights.get(t, 1.0) * v for t, v in losses.items())
@@ -152,7 +156,7 @@ class TrainTask:
         raise NotImplementedError
 
     def loss_weights(self) -> dict[str, float]:
-        return {t: 1.0 for t in self.loss_names}
+        return dict.fromkeys(self.loss_names, 1.0)
 
     def after_step(self, step: int, batch: Any, out: Any) -> None:
         """After the optimiser step (e.g. Shapley contributions for the balancer)."""
@@ -215,10 +219,13 @@ class FitResult:
     def common_metrics(self) -> dict:
         dev = self.device
         return {
-            "best_epoch": self.best_epoch, "epochs_run": self.epochs_run, "stopped_by": self.stopped_by,
-            "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            "amp": self.amp, "peak_gpu_mem_gb": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda"
-            else 0.0,
+            "best_epoch": self.best_epoch,
+            "epochs_run": self.epochs_run,
+            "stopped_by": self.stopped_by,
+            "device": str(dev),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "amp": self.amp,
+            "peak_gpu_mem_gb": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0,
         }
 
 
@@ -238,10 +245,20 @@ class Trainer:
     configuration differs there is ignored (logged) and training starts over.
     """
 
-    def __init__(self, task: TrainTask, settings: FitSettings, out_dir: str | Path, *, monitor: str,
-                 mode: str = "min", config: dict | None = None, identity: Callable[[dict], dict] | None = None,
-                 device: torch.device | None = None, log: Callable[[str], None] = print,
-                 callbacks: Iterable[Callback] | None = None) -> None:
+    def __init__(
+        self,
+        task: TrainTask,
+        settings: FitSettings,
+        out_dir: str | Path,
+        *,
+        monitor: str,
+        mode: str = "min",
+        config: dict | None = None,
+        identity: Callable[[dict], dict] | None = None,
+        device: torch.device | None = None,
+        log: Callable[[str], None] = print,
+        callbacks: Iterable[Callback] | None = None,
+    ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be min or max, not {mode!r}")
         self.task = task
@@ -264,16 +281,33 @@ class Trainer:
 
     def _save(self, st: dict, *, in_epoch: bool) -> None:
         t = self.task
-        save_checkpoint(self.ckpt_path, {
-            "model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
-            "scheduler": t.scheduler.state_dict() if t.scheduler is not None else None,
-            "task": t.state_dict(), "history": st["history"], "epoch": st["epoch"], "in_epoch": in_epoch,
-            "step": st["step"], "sums": st["sums"], "n_batches": st["n_batches"], "samples": st["samples"],
-            "epoch_seconds": st["epoch_seconds"], "best": st["best"], "best_epoch": st["best_epoch"],
-            "stale": st["stale"], "train_seconds": st["train_seconds"], "samples_seen": st["samples_seen"],
-            "train_config": self.config})
-        self._emit("on_checkpoint", {"epoch": st["epoch"], "step": st["step"], "in_epoch": in_epoch,
-                                     "path": str(self.ckpt_path)})
+        save_checkpoint(
+            self.ckpt_path,
+            {
+                "model": t.model.state_dict(),
+                "optimizer": t.optimizer.state_dict(),
+                "scheduler": t.scheduler.state_dict() if t.scheduler is not None else None,
+                "task": t.state_dict(),
+                "history": st["history"],
+                "epoch": st["epoch"],
+                "in_epoch": in_epoch,
+                "step": st["step"],
+                "sums": st["sums"],
+                "n_batches": st["n_batches"],
+                "samples": st["samples"],
+                "epoch_seconds": st["epoch_seconds"],
+                "best": st["best"],
+                "best_epoch": st["best_epoch"],
+                "stale": st["stale"],
+                "train_seconds": st["train_seconds"],
+                "samples_seen": st["samples_seen"],
+                "train_config": self.config,
+            },
+        )
+        self._emit(
+            "on_checkpoint",
+            {"epoch": st["epoch"], "step": st["step"], "in_epoch": in_epoch, "path": str(self.ckpt_path)},
+        )
 
     def _restore(self) -> dict | None:
         ck = load_checkpoint(self.ckpt_path, self.device)
@@ -302,9 +336,20 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         task, s = self.task, self.s
         steps = task.steps_per_epoch()
-        st = {"history": [], "epoch": 0, "step": 0, "sums": {}, "n_batches": 0, "samples": 0, "epoch_seconds": 0.0,
-              "best": math.inf if self.mode == "min" else -math.inf, "best_epoch": -1, "stale": 0,
-              "train_seconds": 0.0, "samples_seen": 0}
+        st = {
+            "history": [],
+            "epoch": 0,
+            "step": 0,
+            "sums": {},
+            "n_batches": 0,
+            "samples": 0,
+            "epoch_seconds": 0.0,
+            "best": math.inf if self.mode == "min" else -math.inf,
+            "best_epoch": -1,
+            "stale": 0,
+            "train_seconds": 0.0,
+            "samples_seen": 0,
+        }
         ck = self._restore()
         resumed = None
         mid_epoch_state = None
@@ -320,12 +365,22 @@ class Trainer:
             self.log(f"{task.tag}resumed {where} (best {self.monitor} {st['best']:.4g} at epoch {st['best_epoch']})")
         budget = _Budget(s.max_minutes)
         amp_name = "bf16" if self.amp_dtype is not None else "off"
-        self._emit("on_train_start", {"steps_per_epoch": steps, "epochs": s.epochs, "device": str(self.device),
-                                      "amp": amp_name, "resumed": resumed})
-        self.log(f"{task.tag}training on {self.device} (amp {amp_name}): {s.epochs} epochs x {steps} steps, "
-                 f"checkpoint every epoch" + (f" and every {s.checkpoint_minutes:g} min" if s.checkpoint_minutes
-                                              is not None else "")
-                 + (f", budget {s.max_minutes:g} min" if s.max_minutes is not None else ""))
+        self._emit(
+            "on_train_start",
+            {
+                "steps_per_epoch": steps,
+                "epochs": s.epochs,
+                "device": str(self.device),
+                "amp": amp_name,
+                "resumed": resumed,
+            },
+        )
+        self.log(
+            f"{task.tag}training on {self.device} (amp {amp_name}): {s.epochs} epochs x {steps} steps, "
+            f"checkpoint every epoch"
+            + (f" and every {s.checkpoint_minutes:g} min" if s.checkpoint_minutes is not None else "")
+            + (f", budget {s.max_minutes:g} min" if s.max_minutes is not None else "")
+        )
         stopped_by = "epochs"
         while st["epoch"] < s.epochs:
             if st["stale"] >= s.patience:  # a resumed run that had already stopped early
@@ -339,14 +394,26 @@ class Trainer:
             st["epoch"] += 1
         # training throughput over every step run (a partial last epoch included), validation excluded
         seen, seconds = st["samples_seen"] + st["samples"], st["train_seconds"] + st["epoch_seconds"]
-        result = FitResult(history=st["history"], best=st["best"], best_epoch=st["best_epoch"], stopped_by=stopped_by,
-                           samples_per_s=seen / seconds if seconds > 0 else float("nan"), train_seconds=seconds, device=self.device,
-                           amp=amp_name, monitor=self.monitor, resumed_from=resumed)
+        result = FitResult(
+            history=st["history"],
+            best=st["best"],
+            best_epoch=st["best_epoch"],
+            stopped_by=stopped_by,
+            samples_per_s=seen / seconds if seconds > 0 else float("nan"),
+            train_seconds=seconds,
+            device=self.device,
+            amp=amp_name,
+            monitor=self.monitor,
+            resumed_from=resumed,
+        )
         pd.DataFrame(st["history"] or None, columns=None if st["history"] else ["epoch"]).to_csv(
-            self.out / "history.csv", index=False)
+            self.out / "history.csv", index=False
+        )
         if stopped_by == "max_minutes" and st["step"] > 0:
-            self.log(f"{task.tag}budget spent in epoch {st['epoch']} at step {st['step']}/{steps}: "
-                     "checkpoint saved, run again to resume")
+            self.log(
+                f"{task.tag}budget spent in epoch {st['epoch']} at step {st['step']}/{steps}: "
+                "checkpoint saved, run again to resume"
+            )
         self._emit("on_train_end", result)
         return result
 
@@ -402,9 +469,15 @@ class Trainer:
         lr = task.optimizer.param_groups[0]["lr"]
         if task.scheduler is not None and hasattr(task.scheduler, "get_last_lr"):
             lr = task.scheduler.get_last_lr()[0]
-        row = {"epoch": epoch, "lr": lr, "epoch_seconds": st["epoch_seconds"],
-               f"{task.samples_name}_per_s": st["samples"] / max(st["epoch_seconds"], 1e-9),
-               **{f"train_loss_{t}": v for t, v in means.items()}, **extra, **vm}
+        row = {
+            "epoch": epoch,
+            "lr": lr,
+            "epoch_seconds": st["epoch_seconds"],
+            f"{task.samples_name}_per_s": st["samples"] / max(st["epoch_seconds"], 1e-9),
+            **{f"train_loss_{t}": v for t, v in means.items()},
+            **extra,
+            **vm,
+        }
         st["history"].append(row)
         score = float(vm.get(self.monitor, math.nan))
         if self._better(score, st["best"]):
@@ -412,8 +485,10 @@ class Trainer:
             save_weights(self.out / "model_best.pt", task.model.state_dict())
         else:
             st["stale"] += 1
-        self.log(f"{task.tag}epoch {epoch} " + " ".join(
-            f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float) and k in self._shown(row)))
+        self.log(
+            f"{task.tag}epoch {epoch} "
+            + " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float) and k in self._shown(row))
+        )
         self._emit("on_epoch_end", epoch, _plain(row))
         st.update(step=0, sums={}, n_batches=0, samples=0, epoch_seconds=0.0)  # counted in the totals above
         self._save(st, in_epoch=False)
@@ -433,11 +508,20 @@ class Trainer:
         done = st["step"]
         eta = (steps - done) * st["epoch_seconds"] / max(done, 1) if done else math.nan
         losses = {t: v / max(st["n_batches"], 1) for t, v in st["sums"].items()}
-        info = {"epoch": st["epoch"], "step": done, "steps": steps, f"{task.samples_name}_per_s": rate,
-                "eta_epoch_s": eta, **{f"loss_{t}": v for t, v in losses.items()}}
-        self.log(f"{task.tag}epoch {st['epoch']} step {done}/{steps} ({100 * done / steps:.0f} %) "
-                 f"{rate:.1f} {task.samples_name}/s " + " ".join(f"loss_{t}={v:.4g}" for t, v in losses.items())
-                 + f" ETA epoch {_fmt_seconds(eta)}")
+        info = {
+            "epoch": st["epoch"],
+            "step": done,
+            "steps": steps,
+            f"{task.samples_name}_per_s": rate,
+            "eta_epoch_s": eta,
+            **{f"loss_{t}": v for t, v in losses.items()},
+        }
+        self.log(
+            f"{task.tag}epoch {st['epoch']} step {done}/{steps} ({100 * done / steps:.0f} %) "
+            f"{rate:.1f} {task.samples_name}/s "
+            + " ".join(f"loss_{t}={v:.4g}" for t, v in losses.items())
+            + f" ETA epoch {_fmt_seconds(eta)}"
+        )
         self._emit("on_progress", info)
 
     def _sync(self) -> None:
@@ -448,7 +532,7 @@ class Trainer:
 def _fmt_seconds(s: float) -> str:
     if not math.isfinite(s):
         return "?"
-    m, sec = divmod(int(round(s)), 60)
+    m, sec = divmod(round(s), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+__all__ = ["schema_violations", "typed_frame"]
+
 
 def typed_frame(rows: list[dict], columns: dict[str, str]) -> pd.DataFrame:
     """Build a frame with exactly ``columns`` (kind: str | int64 | float64 | bool)."""
@@ -34,7 +36,7 @@ def schema_violations(df: pd.DataFrame, columns: dict[str, str]) -> list[str]:
             continue
         dtype = df[col].dtype
         ok = {
-            "str": pd.api.types.is_string_dtype(dtype) or dtype == object,
+            "str": pd.api.types.is_string_dtype(dtype) or dtype == "object",
             "int64": pd.api.types.is_integer_dtype(dtype),
             "float64": pd.api.types.is_float_dtype(dtype),
             "bool": pd.api.types.is_bool_dtype(dtype),

@@ -42,8 +42,17 @@ from psqa_pipelines.resources.compute import GPU_POOL, ComputePlan
 Inputs = Mapping[str, pd.DataFrame]
 
 # every training asset's output starts with these columns (the spec adds its own after them)
-COMMON_ROW_COLUMNS = ("variant", "model_dir", "mlflow_run_id", "model_id", "registered_model", "model_version",
-                      "best_epoch", "epochs_run", "device")
+COMMON_ROW_COLUMNS = (
+    "variant",
+    "model_dir",
+    "mlflow_run_id",
+    "model_id",
+    "registered_model",
+    "model_version",
+    "best_epoch",
+    "epochs_run",
+    "device",
+)
 
 
 @dataclass(frozen=True)
@@ -209,16 +218,28 @@ def training_asset(spec: TrainingAssetSpec) -> dg.AssetsDefinition:
         code_version=spec.code_version,
         description=spec.description,
     )
-    def _train(context: dg.AssetExecutionContext, config: config_class, storage: PsqaStorage,
-               compute: ComputeResource, mlflow: MlflowResource, **inputs: pd.DataFrame) -> pd.DataFrame:
+    def _train(
+        context: dg.AssetExecutionContext,
+        config: config_class,
+        storage: PsqaStorage,
+        compute: ComputeResource,
+        mlflow: MlflowResource,
+        **inputs: pd.DataFrame,
+    ) -> pd.DataFrame:
         return _run_training(spec, context, config, storage, compute, mlflow, inputs)
 
     return _train
 
 
-def _run_training(spec: TrainingAssetSpec, context: dg.AssetExecutionContext, config: dg.Config,
-                  storage: PsqaStorage, compute: ComputeResource, mlflow: MlflowResource,
-                  inputs: Inputs) -> pd.DataFrame:
+def _run_training(
+    spec: TrainingAssetSpec,
+    context: dg.AssetExecutionContext,
+    config: dg.Config,
+    storage: PsqaStorage,
+    compute: ComputeResource,
+    mlflow: MlflowResource,
+    inputs: Inputs,
+) -> pd.DataFrame:
     import json
 
     plan = compute.plan()
@@ -230,51 +251,91 @@ def _run_training(spec: TrainingAssetSpec, context: dg.AssetExecutionContext, co
         metrics = spec.train(spec.data_dir(inputs), model_dir, cfg, log=context.log.info, callbacks=[epochs])
         history = pd.read_csv(model_dir / "history.csv")
         _log_unlogged_epochs(mlflow, run_id, history, epochs.logged_epochs)
-        run = TrainingRun(variant=spec.variant, inputs=inputs, train_config=cfg, model_dir=model_dir,
-                          metrics=metrics, history=history,
-                          model_config=json.loads((model_dir / "config.json").read_text()),
-                          monitor=spec.monitor(metrics), mlflow_run_id=run_id, dagster_run_id=context.run.run_id)
+        run = TrainingRun(
+            variant=spec.variant,
+            inputs=inputs,
+            train_config=cfg,
+            model_dir=model_dir,
+            metrics=metrics,
+            history=history,
+            model_config=json.loads((model_dir / "config.json").read_text()),
+            monitor=spec.monitor(metrics),
+            mlflow_run_id=run_id,
+            dagster_run_id=context.run.run_id,
+        )
         mlflow.log_params(run_id, spec.params(run))
         for ds in spec.datasets(run):
-            mlflow.log_parquet_dataset(run_id, ds.frame, ds.parquet_path, name=ds.name, context=ds.context,
-                                       targets=ds.targets)
+            mlflow.log_parquet_dataset(
+                run_id, ds.frame, ds.parquet_path, name=ds.name, context=ds.context, targets=ds.targets
+            )
         for name in spec.artifacts:
             mlflow.client().log_artifact(run_id, str(model_dir / name), artifact_path="training")
         plots = spec.plots(run)
         for plot in plots:
             mlflow.log_artifact_bytes(run_id, plot.png, plot.artifact_file)
         m = spec.model(run)
-        info = mlflow.log_model(run_id, m.model, name="model", class_path=m.class_path, kwargs=m.kwargs,
-                                input_specs=dict(m.input_specs), output_specs=dict(m.output_specs),
-                                registered_model_name=spec.registered_model_name, metadata=m.metadata)
+        info = mlflow.log_model(
+            run_id,
+            m.model,
+            name="model",
+            class_path=m.class_path,
+            kwargs=m.kwargs,
+            input_specs=dict(m.input_specs),
+            output_specs=dict(m.output_specs),
+            registered_model_name=spec.registered_model_name,
+            metadata=m.metadata,
+        )
         version = str(info.registered_model_version or "")
         if version:
             client = mlflow.client()
-            tags = {"model_dir": str(model_dir), **spec.version_tags(run), "dagster_run_id": context.run.run_id,
-                    "variant": spec.variant, run.monitor: format(float(metrics[run.monitor]), spec.monitor_format)}
+            tags = {
+                "model_dir": str(model_dir),
+                **spec.version_tags(run),
+                "dagster_run_id": context.run.run_id,
+                "variant": spec.variant,
+                run.monitor: format(float(metrics[run.monitor]), spec.monitor_format),
+            }
             for k, v in tags.items():
                 client.set_model_version_tag(spec.registered_model_name, version, k, v)
         mlflow.end_run(run_id)
     except Exception:
         mlflow.end_run(run_id, status="FAILED")
         raise
-    row = {"variant": spec.variant, "model_dir": str(model_dir), "mlflow_run_id": run_id, "model_id": info.model_id,
-           "registered_model": spec.registered_model_name or "", "model_version": version,
-           "best_epoch": int(metrics["best_epoch"]), "epochs_run": int(metrics["epochs_run"]),
-           "device": metrics["device_name"], **spec.row(run)}
-    shown = [c for c in history.columns if c.startswith(tuple(spec.history_columns))]
-    context.add_output_metadata({
+    row = {
+        "variant": spec.variant,
+        "model_dir": str(model_dir),
         "mlflow_run_id": run_id,
-        "mlflow_run": dg.MetadataValue.url(mlflow.run_url(run_id)),
-        **({"model_version": version,
-            "mlflow_model": dg.MetadataValue.url(mlflow.model_version_url(spec.registered_model_name, version))}
-           if version else {}),
-        run.monitor: float(metrics[run.monitor]), "best_epoch": int(metrics["best_epoch"]),
-        "epochs_run": int(metrics["epochs_run"]), "stopped_by": metrics["stopped_by"],
-        **{k: float(metrics[k]) for k in spec.metric_metadata if k in metrics},
-        "device": metrics["device_name"], "amp": metrics["amp"],
-        **spec.extra_metadata(run),
-        "history": md_table(history[shown], max_rows=spec.history_rows),
-        **{p.metadata_key: md_png(p.png, p.alt) for p in plots},
-    })
+        "model_id": info.model_id,
+        "registered_model": spec.registered_model_name or "",
+        "model_version": version,
+        "best_epoch": int(metrics["best_epoch"]),
+        "epochs_run": int(metrics["epochs_run"]),
+        "device": metrics["device_name"],
+        **spec.row(run),
+    }
+    shown = [c for c in history.columns if c.startswith(tuple(spec.history_columns))]
+    context.add_output_metadata(
+        {
+            "mlflow_run_id": run_id,
+            "mlflow_run": dg.MetadataValue.url(mlflow.run_url(run_id)),
+            **(
+                {
+                    "model_version": version,
+                    "mlflow_model": dg.MetadataValue.url(mlflow.model_version_url(spec.registered_model_name, version)),
+                }
+                if version
+                else {}
+            ),
+            run.monitor: float(metrics[run.monitor]),
+            "best_epoch": int(metrics["best_epoch"]),
+            "epochs_run": int(metrics["epochs_run"]),
+            "stopped_by": metrics["stopped_by"],
+            **{k: float(metrics[k]) for k in spec.metric_metadata if k in metrics},
+            "device": metrics["device_name"],
+            "amp": metrics["amp"],
+            **spec.extra_metadata(run),
+            "history": md_table(history[shown], max_rows=spec.history_rows),
+            **{p.metadata_key: md_png(p.png, p.alt) for p in plots},
+        }
+    )
     return pd.DataFrame([row], columns=list(spec.output_columns))

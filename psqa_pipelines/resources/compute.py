@@ -5,7 +5,6 @@ GPU admission is not decided here but by the instance: every GPU job carries the
 declare ``pool="gpu"`` (limited by ``concurrency.pools``). See ``GPU_RUN_TAGS``/``GPU_POOL``.
 """
 
-
 import os
 from dataclasses import dataclass
 

@@ -1,6 +1,5 @@
 """De-identification settings: the pseudonymisation secret."""
 
-
 import dagster as dg
 from pydantic import Field
 
@@ -16,8 +15,10 @@ class DeidentificationResource(dg.ConfigurableResource):
     for the synthetic demo, never for patient data.
     """
 
-    secret: str = Field(default="", description="HMAC key (set PSQA_DEID_SECRET before the code location loads); "
-                        "empty = the development secret")
+    secret: str = Field(
+        default="",
+        description="HMAC key (set PSQA_DEID_SECRET before the code location loads); empty = the development secret",
+    )
 
     def pseudonymizer(self) -> Pseudonymizer:
         return Pseudonymizer(self.secret or None)

@@ -15,7 +15,6 @@
   never the deprecated stages).
 """
 
-
 import json
 import os
 import subprocess
@@ -31,8 +30,9 @@ from psqa_pipelines.settings import REPO_DIR, mlflow_artifact_root, mlflow_track
 
 def git_sha() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True,
-                             timeout=5, check=False)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True, timeout=5, check=False
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -88,11 +88,14 @@ class MlflowResource(dg.ConfigurableResource):
         exp = client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        location = Path(self.artifact_root, name).resolve().as_uri() if "://" not in self.artifact_root \
+        location = (
+            Path(self.artifact_root, name).resolve().as_uri()
+            if "://" not in self.artifact_root
             else f"{self.artifact_root.rstrip('/')}/{name}"
+        )
         try:
             return client.create_experiment(name, artifact_location=location)
-        except Exception:  # noqa: BLE001 - created concurrently by another process
+        except Exception:
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 raise
@@ -119,8 +122,9 @@ class MlflowResource(dg.ConfigurableResource):
             tags["dagster/partition_key"] = context.partition_key
         return tags
 
-    def start_run(self, context=None, run_name: str = "", tags: dict | None = None,
-                  experiment: str | None = None) -> str:
+    def start_run(
+        self, context=None, run_name: str = "", tags: dict | None = None, experiment: str | None = None
+    ) -> str:
         exp_id = self.experiment_id(experiment)
         all_tags = {**self.dagster_tags(context), **(tags or {}), "mlflow.source.name": "psqa_pipelines"}
         run = self.client().create_run(exp_id, run_name=run_name or None, tags=all_tags)
@@ -134,7 +138,7 @@ class MlflowResource(dg.ConfigurableResource):
 
         items = [Param(str(k), str(v)[:6000]) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
-            self.client().log_batch(run_id, params=items[i:i + 100])
+            self.client().log_batch(run_id, params=items[i : i + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         import time
@@ -144,15 +148,18 @@ class MlflowResource(dg.ConfigurableResource):
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step) for k, v in sorted(metrics.items())]
         for i in range(0, len(items), 500):
-            self.client().log_batch(run_id, metrics=items[i:i + 500])
+            self.client().log_batch(run_id, metrics=items[i : i + 500])
 
     def log_history(self, run_id: str, history, step_column: str = "epoch") -> None:
         """A trainer's history.csv (one row per epoch) as per-step metrics (NaN cells skipped)."""
         import pandas as pd
 
         for _, row in history.iterrows():
-            self.log_metrics(run_id, {k: float(v) for k, v in row.items() if k != step_column and pd.notna(v)},
-                             step=int(row[step_column]))
+            self.log_metrics(
+                run_id,
+                {k: float(v) for k, v in row.items() if k != step_column and pd.notna(v)},
+                step=int(row[step_column]),
+            )
 
     def log_artifact_bytes(self, run_id: str, data: bytes, artifact_file: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -161,27 +168,42 @@ class MlflowResource(dg.ConfigurableResource):
             parent = str(Path(artifact_file).parent)
             self.client().log_artifact(run_id, str(path), artifact_path=None if parent == "." else parent)
 
-    def log_parquet_dataset(self, run_id: str, df, parquet_path: str | os.PathLike, name: str,
-                            context: str = "training", targets: str | None = None) -> str:
+    def log_parquet_dataset(
+        self,
+        run_id: str,
+        df,
+        parquet_path: str | os.PathLike,
+        name: str,
+        context: str = "training",
+        targets: str | None = None,
+    ) -> str:
         """Log a Parquet table as a dataset input; returns the dataset digest."""
         import mlflow.data
         from mlflow.entities import DatasetInput, InputTag
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = mlflow.data.from_pandas(df, source=Path(parquet_path).resolve().as_uri(), name=name,
-                                         targets=targets)
+            ds = mlflow.data.from_pandas(df, source=Path(parquet_path).resolve().as_uri(), name=name, targets=targets)
             entity = ds._to_mlflow_entity()
-        self.client().log_inputs(run_id, datasets=[
-            DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])
-        ])
+        self.client().log_inputs(
+            run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])]
+        )
         return ds.digest
 
     # -- models --------------------------------------------------------------------------
-    def log_model(self, run_id: str, model, *, name: str, class_path: str, kwargs: dict,
-                  input_specs: dict[str, tuple[str, tuple[int, ...]]],
-                  output_specs: dict[str, tuple[str, tuple[int, ...]]],
-                  registered_model_name: str | None = None, metadata: dict | None = None):
+    def log_model(
+        self,
+        run_id: str,
+        model,
+        *,
+        name: str,
+        class_path: str,
+        kwargs: dict,
+        input_specs: dict[str, tuple[str, tuple[int, ...]]],
+        output_specs: dict[str, tuple[str, tuple[int, ...]]],
+        registered_model_name: str | None = None,
+        metadata: dict | None = None,
+    ):
         """Log ``model`` (state_dict + pyfunc wrapper) with a tensor signature.
 
         ``input_specs``/``output_specs`` map tensor names to (numpy dtype, shape with -1 for
@@ -205,8 +227,9 @@ class MlflowResource(dg.ConfigurableResource):
             sd_path = Path(tmp) / "state_dict.pt"
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, sd_path)
             cfg_path = Path(tmp) / "model_config.json"
-            cfg_path.write_text(json.dumps({"class_path": class_path, "kwargs": kwargs,
-                                            "input_names": list(input_specs)}, indent=2))
+            cfg_path.write_text(
+                json.dumps({"class_path": class_path, "kwargs": kwargs, "input_names": list(input_specs)}, indent=2)
+            )
             mlflow.set_tracking_uri(self.tracking_uri)
             mlflow.set_registry_uri(self.registry_uri or self.tracking_uri)
             client = self.client()

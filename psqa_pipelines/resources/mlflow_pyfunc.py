@@ -9,7 +9,6 @@ model runs on torch 2.11 (GPU node) and 2.13 (here). ``code_paths`` ships the ``
 and this module with the model, so ``mlflow.pyfunc.load_model`` works without the repo.
 """
 
-
 import importlib
 import json
 

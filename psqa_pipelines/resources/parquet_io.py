@@ -7,7 +7,6 @@ and deterministic (``ml.utils.io.write_parquet_atomic``). Each output records
 Only tables go through here: volumes are files referenced by manifest tables.
 """
 
-
 import dagster as dg
 import pandas as pd
 import pyarrow as pa
@@ -21,9 +20,9 @@ from psqa_pipelines.resources.storage import PsqaStorage
 
 def table_schema(df: pd.DataFrame) -> dg.TableSchema:
     schema = pa.Schema.from_pandas(df, preserve_index=False)
-    return dg.TableSchema(columns=[
-        dg.TableColumn(name=f.name, type=str(f.type), description=COLUMN_DOCS.get(f.name)) for f in schema
-    ])
+    return dg.TableSchema(
+        columns=[dg.TableColumn(name=f.name, type=str(f.type), description=COLUMN_DOCS.get(f.name)) for f in schema]
+    )
 
 
 class ParquetIO(dg.UPathIOManager):

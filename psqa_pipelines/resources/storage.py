@@ -1,6 +1,5 @@
 """The storage resource: every path the pipeline reads or writes, derived from PSQA_HOME."""
 
-
 from pathlib import Path
 
 import dagster as dg
@@ -12,13 +11,13 @@ from psqa_pipelines.settings import default_home, default_openkbp_dir, storage_d
 class PsqaStorage(dg.ConfigurableResource):
     """Layout under one root (see ``psqa_pipelines.settings``); empty fields use the default."""
 
-    home: str = Field(default_factory=lambda: str(default_home()),
-                      description="PSQA_HOME: root of all pipeline state")
+    home: str = Field(default_factory=lambda: str(default_home()), description="PSQA_HOME: root of all pipeline state")
     lake_dir: str = Field(default="", description="override for <home>/lake (PSQA_LAKE_DIR)")
     inbox_dir: str = Field(default="", description="override for <home>/inbox (PSQA_INBOX_DIR)")
     quarantine_dir: str = Field(default="", description="override for <home>/quarantine")
-    openkbp_dir: str = Field(default_factory=default_openkbp_dir,
-                             description="OpenKBP patient folders (read-only source); empty = off")
+    openkbp_dir: str = Field(
+        default_factory=default_openkbp_dir, description="OpenKBP patient folders (read-only source); empty = off"
+    )
     openkbp_require_dose: bool = Field(default=True, description="quarantine OpenKBP patients without dose")
     inbox_settle_seconds: float = Field(
         default=5.0, description="ignore files modified more recently than this (still being copied)"

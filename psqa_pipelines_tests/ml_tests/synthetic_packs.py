@@ -31,7 +31,16 @@ def synthetic_pack(root: Path, n: int = 120, size: int = 32) -> Path:
     k = np.arange(n) % 5
     df["split"] = np.where(k == 0, "val", np.where(k == 1, "test", "train"))
     df["image_index"] = np.arange(n)
-    write_pack(root, df, img, dd, {"feature_columns": [f"f{i}" for i in range(6)],
-                                   "criteria": ["3%/3mm", "3%/2mm", "2%/3mm", "2%/2mm"],
-                                   "channels": ["dose", "fluence"], "spacing_mm": 4.0})
+    write_pack(
+        root,
+        df,
+        img,
+        dd,
+        {
+            "feature_columns": [f"f{i}" for i in range(6)],
+            "criteria": ["3%/3mm", "3%/2mm", "2%/3mm", "2%/2mm"],
+            "channels": ["dose", "fluence"],
+            "spacing_mm": 4.0,
+        },
+    )
     return root

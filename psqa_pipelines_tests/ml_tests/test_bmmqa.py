@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from ml.psqa.bmmqa import BMMQA, BMMQAConfig, coalition_masks
-from ml.psqa.dataset import TabularScaler
+from ml.psqa.dataset import TabularScaler, load_pack
+from ml.psqa.evaluate import split_metrics
+from ml.psqa.predict import predict
 from ml.psqa.shapley import (
     MultiModalNet,
     coalition_shapley,
@@ -21,11 +23,9 @@ from ml.psqa.shapley import (
     shapley_weights,
     task_errors,
 )
-from ml.psqa.dataset import load_pack
-from ml.psqa.evaluate import split_metrics
-from ml.psqa.predict import predict
 from ml.psqa.train import VARIANTS, TrainConfig, train
 from psqa_pipelines_tests.ml_tests.synthetic_packs import SMALL, synthetic_pack
+
 
 def _model(**kw) -> BMMQA:
     torch.manual_seed(0)
@@ -94,8 +94,17 @@ def test_fast_forward_equals_naive_for_four_modalities():
         assert torch.allclose(phi_fast[t].sum(0), errs(naive[0])[t] - errs(naive[-1])[t], atol=1e-5)
 
 
-@pytest.mark.parametrize("kw", [{"dd_fusion": "bottleneck"}, {"gpr_fusion": "concat"}, {"modalities": ("image",)},
-                                {"modalities": ("table",)}, {"tasks": ("dd",)}, {"tasks": ("gpr",)}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"dd_fusion": "bottleneck"},
+        {"gpr_fusion": "concat"},
+        {"modalities": ("image",)},
+        {"modalities": ("table",)},
+        {"tasks": ("dd",)},
+        {"tasks": ("gpr",)},
+    ],
+)
 def test_fast_forward_equals_2m_full_passes_variants(kw):
     """The decoder's per-coalition shortcuts (parts added only when present, one sample for the
     empty coalition, one run per distinct coalition of a one-modality model) change nothing."""
@@ -117,7 +126,9 @@ def test_attention_ignores_absent_modalities():
     img, tab = torch.randn(4, 2, 32, 32), torch.randn(4, 7)
     with torch.no_grad():
         co = model.coalitions(img, tab)
-    assert torch.all(co[("image",)]["alpha"][:, 1] == 0) and torch.allclose(co[("image",)]["alpha"][:, 0], torch.ones(4))
+    assert torch.all(co[("image",)]["alpha"][:, 1] == 0) and torch.allclose(
+        co[("image",)]["alpha"][:, 0], torch.ones(4)
+    )
     assert torch.all(co[()]["alpha"] == 0)
     # the empty coalition does not depend on the inputs at all
     with torch.no_grad():
@@ -197,11 +208,30 @@ def test_training_learns_balances_and_resumes_exactly(pack, tmp_path):
 
 def test_cli_train_and_evaluate(pack, tmp_path):
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "ml", "bmmqa", "train", "--data", str(pack), "--out", str(out), "--variant", "tab_only",
-           "--epochs", "2", "--model-json", json.dumps(SMALL)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ml",
+        "bmmqa",
+        "train",
+        "--data",
+        str(pack),
+        "--out",
+        str(out),
+        "--variant",
+        "tab_only",
+        "--epochs",
+        "2",
+        "--model-json",
+        json.dumps(SMALL),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "-m", "ml", "bmmqa", "evaluate", "--data", str(pack), "--model", str(out)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "ml", "bmmqa", "evaluate", "--data", str(pack), "--model", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2%/2mm" in json.loads(r.stdout)

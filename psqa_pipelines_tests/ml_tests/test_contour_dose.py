@@ -24,8 +24,8 @@ from ml.contour_dose.cache import (
 )
 from ml.contour_dose.losses import DWA, combo_loss, masked_l1, soft_dice_loss
 from ml.contour_dose.models import CTAN2D, ModelConfig, build_model
-from ml.contour_dose.split import patient_split
 from ml.contour_dose.slices import augment, build_slices, label_map, make_batch
+from ml.contour_dose.split import patient_split
 from ml.contour_dose.train import TrainConfig, train
 from ml.contour_dose.variants import PAPER_ROIS, VARIANTS, lr_swap_index
 from psqa_pipelines_tests.conftest import OPENKBP_DIR, needs_openkbp
@@ -299,8 +299,13 @@ def test_resume_after_kill_equals_uninterrupted_run(syn_cache, tmp_path):
 
 def test_training_learns_dose_and_contours(syn_cache, tmp_path):
     torch.set_num_threads(1)  # 2 threads on a loaded 2-core box oversubscribe badly
-    m = train(syn_cache, tmp_path / "m", _cfg(epochs=25, steps_per_epoch=6, augment=False, lr=5e-3),
-              split=SPLIT4, log=lambda *_: None)
+    m = train(
+        syn_cache,
+        tmp_path / "m",
+        _cfg(epochs=25, steps_per_epoch=6, augment=False, lr=5e-3),
+        split=SPLIT4,
+        log=lambda *_: None,
+    )
     h = pd.read_csv(tmp_path / "m" / "history.csv")
     assert h["train_loss_dose"].iloc[-1] < 0.2 * h["train_loss_dose"].iloc[0]
     assert h["train_loss_contour"].iloc[-1] < 0.5 * h["train_loss_contour"].iloc[0]
@@ -334,8 +339,13 @@ def test_seq_automated_uses_a_contour_model_and_is_self_contained(syn_cache, tmp
     train(syn_cache, tmp_path / "contour", _cfg(variant="contour-only", epochs=1), split=SPLIT4, log=lambda *_: None)
     with pytest.raises(ValueError, match="contour_model"):
         train(syn_cache, tmp_path / "seq", _cfg(variant="seq-automated", epochs=1), split=SPLIT4, log=lambda *_: None)
-    train(syn_cache, tmp_path / "seq", _cfg(variant="seq-automated", epochs=1, contour_model=str(tmp_path / "contour")),
-          split=SPLIT4, log=lambda *_: None)
+    train(
+        syn_cache,
+        tmp_path / "seq",
+        _cfg(variant="seq-automated", epochs=1, contour_model=str(tmp_path / "contour")),
+        split=SPLIT4,
+        log=lambda *_: None,
+    )
     shutil.rmtree(tmp_path / "contour")  # the seq model carries its contour model
     lm = load_model(tmp_path / "seq")
     e = Cache.open(syn_cache).load("pt_4")
@@ -371,12 +381,34 @@ def test_cli_train_predict_writes_submission_csvs(tmp_path):
 
     data = _three_patients(tmp_path)
     model = tmp_path / "model"
-    assert main(["contour-dose", "train", "--data", str(data), "--out", str(model), "--model", "product",
-                 "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--widths", "4,8,16,32,64"]) == 0
+    assert (
+        main(
+            [
+                "contour-dose",
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(model),
+                "--model",
+                "product",
+                "--epochs",
+                "1",
+                "--steps-per-epoch",
+                "2",
+                "--batch-size",
+                "4",
+                "--widths",
+                "4,8,16,32,64",
+            ]
+        )
+        == 0
+    )
     assert (model / "cache" / "meta.json").exists() and (model / "model_best.pt").exists()
     pred = tmp_path / "pred"
-    assert main(["contour-dose", "predict", "--data", str(data), "--model", str(model), "--out", str(pred),
-                 "--tta"]) == 0
+    assert (
+        main(["contour-dose", "predict", "--data", str(data), "--model", str(model), "--out", str(pred), "--tta"]) == 0
+    )
     from ml.contour_dose.cache import entry_from_openkbp
     from ml.contour_dose.predict import load_model, predict_entry
     from ml.data.openkbp import dense, from_canonical_array
@@ -390,16 +422,34 @@ def test_cli_train_predict_writes_submission_csvs(tmp_path):
         assert values is not None and (values > 0).all()
         # the file holds exactly the in-memory prediction (TTA on), in OpenKBP axes
         expected = from_canonical_array(predict_entry(lm, entry_from_openkbp(name, patient), tta_flip=True)["dose"])
-        np.testing.assert_allclose(dense(idx, values).reshape(expected.shape), expected * patient.possible_dose_mask,
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            dense(idx, values).reshape(expected.shape), expected * patient.possible_dose_mask, atol=1e-5
+        )
         with np.load(pred / "contours" / f"{name}.npz") as z:
             assert set(z["roi_names"]) == set(VARIANTS["product"]["rois"])
     summary = pd.read_csv(pred / "predictions.csv")
     assert (summary["status"] == "ok").all()
     # evaluate: the official scores of the same model on the cache's test patient(s)
     report = tmp_path / "eval.json"
-    assert main(["contour-dose", "evaluate", "--data", str(model / "cache"), "--model", str(model), "--split", "test",
-                 "--out", str(report), "--tables", str(tmp_path / "tables")]) == 0
+    assert (
+        main(
+            [
+                "contour-dose",
+                "evaluate",
+                "--data",
+                str(model / "cache"),
+                "--model",
+                str(model),
+                "--split",
+                "test",
+                "--out",
+                str(report),
+                "--tables",
+                str(tmp_path / "tables"),
+            ]
+        )
+        == 0
+    )
     ev = json.loads(report.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON report"))
     assert ev["tables"] == ["scores.md"]  # the seed's tables need the paper's models
     assert "| Product |" in (tmp_path / "tables" / "scores.md").read_text()
@@ -439,12 +489,34 @@ def test_cli_pack_train_predict_need_only_torch_numpy_pandas_pyarrow(tmp_path):
     root = Path(__file__).resolve().parents[2]
 
     def run(*args: str) -> None:
-        out = subprocess.run([sys.executable, "-c", _GPU_NODE_ONLY, "contour-dose", *args], cwd=root,
-                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        out = subprocess.run(
+            [sys.executable, "-c", _GPU_NODE_ONLY, "contour-dose", *args],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         assert out.returncode == 0, out.stderr[-2000:]
 
     run("pack", "--data", str(data), "--out", str(tmp_path / "cache"))
-    run("train", "--data", str(tmp_path / "cache"), "--out", str(tmp_path / "model"), "--model", "multi-automated",
-        "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--widths", "4,8,16,32,64", "--amp", "bf16")
+    run(
+        "train",
+        "--data",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "model"),
+        "--model",
+        "multi-automated",
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "2",
+        "--batch-size",
+        "4",
+        "--widths",
+        "4,8,16,32,64",
+        "--amp",
+        "bf16",
+    )
     run("predict", "--data", str(data), "--model", str(tmp_path / "model"), "--out", str(tmp_path / "pred"))
     assert sorted(p.name for p in (tmp_path / "pred").glob("pt_*.csv")) == ["pt_1.csv", "pt_2.csv", "pt_3.csv"]

@@ -77,11 +77,26 @@ def test_every_file_is_clean(study, deidentified):
         assert str(ds.PatientName) == expected_pid
         assert re.fullmatch(r"pt-[0-9a-f]{16}", ds.PatientID)
         assert ds.DeidentificationMethodCodeSequence[0].CodeValue == "113100"
-        for kw in ("PatientBirthDate", "StudyDate", "ContentTime", "AccessionNumber", "StudyID",
-                   "ReferringPhysicianName"):
+        for kw in (
+            "PatientBirthDate",
+            "StudyDate",
+            "ContentTime",
+            "AccessionNumber",
+            "StudyID",
+            "ReferringPhysicianName",
+        ):
             assert not ds.get(kw), (path.name, kw)
-        for kw in ("InstitutionName", "InstitutionAddress", "OtherPatientIDs", "OtherPatientIDsSequence",
-                   "PatientAddress", "PatientAge", "StudyDescription", "SeriesDescription", "OperatorsName"):
+        for kw in (
+            "InstitutionName",
+            "InstitutionAddress",
+            "OtherPatientIDs",
+            "OtherPatientIDsSequence",
+            "PatientAddress",
+            "PatientAge",
+            "StudyDescription",
+            "SeriesDescription",
+            "OperatorsName",
+        ):
             assert kw not in ds, (path.name, kw)
         uid_keywords = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"]
         if ds.Modality != "RTSTRUCT":  # the structure set holds its frame in a sequence
@@ -257,8 +272,17 @@ def test_nested_person_names_dates_and_private_tags_are_removed(study):
     ds.file_meta.SourceApplicationEntityTitle = "HOSPXAETITLE"
     DicomDeidentifier(Pseudonymizer("s1")).deidentify(ds)
     data = dataset_to_bytes(ds).lower()
-    for s in (b"personname", b"20200101", b"private nested", b"quaxzorvath", study.ct_sop_uids[1].encode(),
-              b"nestedname", b"toplevelname", b"acme_scanner", b"hospxaetitle"):
+    for s in (
+        b"personname",
+        b"20200101",
+        b"private nested",
+        b"quaxzorvath",
+        study.ct_sop_uids[1].encode(),
+        b"nestedname",
+        b"toplevelname",
+        b"acme_scanner",
+        b"hospxaetitle",
+    ):
         assert s not in data, s
     assert not any(e.tag.is_private for e in ds.iterall())
     assert "SourceApplicationEntityTitle" not in ds.file_meta

@@ -42,8 +42,18 @@ def _one_thread():
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
 
-def pymedphys_gamma(ref, ev, spacing, dose_percent, dta_mm, cutoff=10.0, local=False, max_gamma=2.0,
-                    interp_fraction=10, global_normalisation=None):
+def pymedphys_gamma(
+    ref,
+    ev,
+    spacing,
+    dose_percent,
+    dta_mm,
+    cutoff=10.0,
+    local=False,
+    max_gamma=2.0,
+    interp_fraction=10,
+    global_normalisation=None,
+):
     pymedphys = pytest.importorskip("pymedphys")
     numba = pytest.importorskip("numba")
     axes = tuple(np.arange(n) * s for n, s in zip(ref.shape, spacing, strict=True))
@@ -52,9 +62,19 @@ def pymedphys_gamma(ref, ev, spacing, dose_percent, dta_mm, cutoff=10.0, local=F
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return pymedphys.gamma(axes, ref, axes, ev, dose_percent, dta_mm, lower_percent_dose_cutoff=cutoff,
-                                   interp_fraction=interp_fraction, max_gamma=max_gamma, local_gamma=local,
-                                   global_normalisation=global_normalisation)
+            return pymedphys.gamma(
+                axes,
+                ref,
+                axes,
+                ev,
+                dose_percent,
+                dta_mm,
+                lower_percent_dose_cutoff=cutoff,
+                interp_fraction=interp_fraction,
+                max_gamma=max_gamma,
+                local_gamma=local,
+                global_normalisation=global_normalisation,
+            )
     finally:  # numba's OpenMP layer resets the (shared) OpenMP thread count when it starts
         torch.set_num_threads(torch_threads)
 
@@ -91,8 +111,9 @@ def imrt_plane(shape=(128, 128), spacing=2.0, seed=0) -> np.ndarray:
     def edge(u, half, pen=3.0):
         return 0.5 * (np.tanh((u + half) / pen) - np.tanh((u - half) / pen))
 
-    aperture = edge(yy - rng.uniform(-10, 10), rng.uniform(35, 55)) * edge(xx - rng.uniform(-10, 10),
-                                                                            rng.uniform(30, 50))
+    aperture = edge(yy - rng.uniform(-10, 10), rng.uniform(35, 55)) * edge(
+        xx - rng.uniform(-10, 10), rng.uniform(30, 50)
+    )
     modulation = ndimage.gaussian_filter(rng.normal(size=shape), 6.0 / spacing)
     modulation = 1.0 + 0.35 * modulation / np.abs(modulation).max()
     tail = 0.05 * np.exp(-(yy**2 + xx**2) / (2 * 60.0**2))
@@ -133,13 +154,16 @@ def test_simulated_planes_agree_with_pymedphys(case):
     assert min(rates) < 99.0  # the perturbations make a difference: a meaningful comparison
 
 
-@pytest.mark.parametrize(("spacing", "kw"), [
-    ((2.5, 1.0), {}),                                         # anisotropic
-    ((0.8, 0.8), {"cutoff": 20.0}),                           # pymedphys' default cutoff
-    ((0.5, 0.5), {}),                                         # fine grid: the 2-voxel tiles of the plan
-    ((2.0, 2.0), {"max_gamma": 1.5, "interp_fraction": 5}),   # other search settings
-    ((2.0, 2.0), {"max_gamma": 4.0, "global_normalisation": 1.6}),
-])
+@pytest.mark.parametrize(
+    ("spacing", "kw"),
+    [
+        ((2.5, 1.0), {}),  # anisotropic
+        ((0.8, 0.8), {"cutoff": 20.0}),  # pymedphys' default cutoff
+        ((0.5, 0.5), {}),  # fine grid: the 2-voxel tiles of the plan
+        ((2.0, 2.0), {"max_gamma": 1.5, "interp_fraction": 5}),  # other search settings
+        ((2.0, 2.0), {"max_gamma": 4.0, "global_normalisation": 1.6}),
+    ],
+)
 def test_plane_options_agree_with_pymedphys(spacing, kw):
     ref = imrt_plane((96, 96), spacing=float(np.mean(spacing)), seed=3)
     ev = perturb(ref, spacing, (1.2, -0.7), 1.025, 0.005)
@@ -153,16 +177,30 @@ def test_random_small_grids_agree_with_pymedphys(seed):
     rng = np.random.default_rng(100 + seed)
     for _ in range(4):
         ndim = int(rng.choice([1, 2, 3]))
-        shape = {1: (int(rng.integers(60, 200)),), 2: tuple(int(n) for n in rng.integers(20, 60, 2)),
-                 3: tuple(int(n) for n in rng.integers(8, 18, 3))}[ndim]
+        shape = {
+            1: (int(rng.integers(60, 200)),),
+            2: tuple(int(n) for n in rng.integers(20, 60, 2)),
+            3: tuple(int(n) for n in rng.integers(8, 18, 3)),
+        }[ndim]
         spacing = tuple(float(s) for s in rng.choice([0.5, 0.7, 1.0, 1.3, 2.0, 2.5, 3.906, 4.625], ndim))
         ref = ndimage.gaussian_filter(rng.random(shape), 2.0)
         ref = np.clip((ref - ref.mean()) / ref.std() + 1.0, 0.0, None) * rng.uniform(0.5, 80.0)
         ev = perturb(ref, spacing, rng.uniform(-1.5, 1.5, ndim), rng.uniform(0.96, 1.04), 0.01, seed=seed)
-        kw = {"local": bool(rng.random() < 0.3), "cutoff": float(rng.choice([1.0, 10.0, 20.0])),
-              "max_gamma": float(rng.choice([1.5, 2.0, 3.0])), "interp_fraction": int(rng.choice([5, 7, 10]))}
-        assert_agrees(ref, ev, spacing, float(rng.choice([1.0, 2.0, 3.0])), float(rng.choice([0.7, 1.0, 2.0, 3.0])),
-                      min_points=1, **kw)
+        kw = {
+            "local": bool(rng.random() < 0.3),
+            "cutoff": float(rng.choice([1.0, 10.0, 20.0])),
+            "max_gamma": float(rng.choice([1.5, 2.0, 3.0])),
+            "interp_fraction": int(rng.choice([5, 7, 10])),
+        }
+        assert_agrees(
+            ref,
+            ev,
+            spacing,
+            float(rng.choice([1.0, 2.0, 3.0])),
+            float(rng.choice([0.7, 1.0, 2.0, 3.0])),
+            min_points=1,
+            **kw,
+        )
 
 
 def test_profile_1d_agrees_with_pymedphys():
@@ -209,7 +247,7 @@ def test_openkbp_crop_3d_agrees_with_pymedphys(openkbp_dose):
     dose, spacing = openkbp_dose
     c = np.unravel_index(np.argmax(dose), dose.shape)
     lo = [max(0, int(ci) - h) for ci, h in zip(c, (12, 12, 5), strict=True)]
-    ref = dose[lo[0]:lo[0] + 24, lo[1]:lo[1] + 24, lo[2]:lo[2] + 10]  # pymedphys takes ~1 s per case
+    ref = dose[lo[0] : lo[0] + 24, lo[1] : lo[1] + 24, lo[2] : lo[2] + 10]  # pymedphys takes ~1 s per case
     ev = perturb(ref, spacing, (2.0, 0.0, -1.0), 0.98, 0.003)
     assert_agrees(ref, ev, spacing, 3, 3)
     assert_agrees(ref, ev, spacing, 2, 2)
@@ -231,7 +269,11 @@ def test_identical_inputs_pass_everywhere(shape, local):
     g = gamma_map(ref, ref.copy(), 2.0, 1, 1, local=local)
     assert np.nanmax(g) == 0.0  # the zero dose difference at distance 0 is exact
     assert gamma_pass_rates(torch.as_tensor(ref), ref, 2.0, local=local) == {
-        "3%/3mm": 100.0, "3%/2mm": 100.0, "2%/3mm": 100.0, "2%/2mm": 100.0}
+        "3%/3mm": 100.0,
+        "3%/2mm": 100.0,
+        "2%/3mm": 100.0,
+        "2%/2mm": 100.0,
+    }
 
 
 def _two_plateaus() -> np.ndarray:
@@ -315,8 +357,11 @@ def test_torch_inputs_match_numpy():
     ref = imrt_plane((64, 64), 2.0, seed=8)
     ev = perturb(ref, (2.0, 2.0), (1.0, 1.0), 1.02, 0.005)
     expected = gamma_map(ref, ev, 2.0, 2, 2)
-    for r, e in [(torch.tensor(ref), torch.tensor(ev)), (torch.tensor(ref, dtype=torch.float32), ev),
-                 (ref.astype(np.float32), torch.tensor(ev, dtype=torch.float32))]:
+    for r, e in [
+        (torch.tensor(ref), torch.tensor(ev)),
+        (torch.tensor(ref, dtype=torch.float32), ev),
+        (ref.astype(np.float32), torch.tensor(ev, dtype=torch.float32)),
+    ]:
         np.testing.assert_allclose(gamma_map(r, e, 2.0, 2, 2), expected, atol=MAP_TOL)
         assert gamma_pass_rate(r, e, 2.0, 2, 2) == pytest.approx(gpr(expected), abs=GPR_TOL_PP)
 
@@ -372,23 +417,26 @@ def test_cpu_thread_setting_is_scoped_to_the_call():
         gamma_pass_rate(ref, ev, 2.0, 2, 2, lower_percent_dose_cutoff=20)  # pymedphys' name: not ours
 
 
-@pytest.mark.parametrize(("args", "kwargs", "error"), [
-    ((np.ones((8, 8)), np.ones((8, 9)), 1.0, 3, 3), {}, ValueError),           # shape mismatch
-    ((np.ones((8, 8)), np.ones((8, 8)), (1.0, 1.0, 1.0), 3, 3), {}, ValueError),  # spacing length
-    ((np.ones((8, 8)), np.ones((8, 8)), 0.0, 3, 3), {}, ValueError),           # zero spacing
-    ((np.ones((8, 8)), np.ones((8, 8)), (1.0, -2.0), 3, 3), {}, ValueError),   # negative spacing
-    ((np.ones((8, 8)), np.ones((8, 8)), float("nan"), 3, 3), {}, ValueError),  # NaN spacing
-    ((np.ones((2, 2, 2, 2)), np.ones((2, 2, 2, 2)), 1.0, 3, 3), {}, ValueError),  # 4D
-    ((np.ones((0, 4)), np.ones((0, 4)), 1.0, 3, 3), {}, ValueError),           # empty
-    ((np.full((8, 8), np.nan), np.ones((8, 8)), 1.0, 3, 3), {}, ValueError),   # non-finite dose
-    ((np.ones((8, 8)), np.ones((8, 8)), 1.0, 0, 3), {}, ValueError),           # dose criterion
-    ((np.ones((8, 8)), np.ones((8, 8)), 1.0, 3, -1), {}, ValueError),          # DTA
-    ((np.ones((8, 8)), np.ones((8, 8)), 1.0, 3, 3), {"interp_fraction": 2.5}, ValueError),
-    ((np.ones((8, 8)), np.ones((8, 8)), 1.0, 3, 3), {"max_gamma": 1.0}, ValueError),  # capped = pass
-    ((np.ones((8, 8)), np.ones((8, 8)), 1.0, 3, 3), {"max_gamma": float("inf")}, ValueError),
-    ((np.zeros((8, 8)), np.ones((8, 8)), 1.0, 3, 3), {}, ValueError),          # zero normalisation
-    ((np.array([["a"]]), np.array([["b"]]), 1.0, 3, 3), {}, TypeError),
-])
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error"),
+    [
+        ((np.ones((8, 8)), np.ones((8, 9)), 1.0, 3, 3), {}, ValueError),  # shape mismatch
+        ((np.ones((8, 8)), np.ones((8, 8)), (1.0, 1.0, 1.0), 3, 3), {}, ValueError),  # spacing length
+        ((np.ones((8, 8)), np.ones((8, 8)), 0.0, 3, 3), {}, ValueError),  # zero spacing
+        ((np.ones((8, 8)), np.ones((8, 8)), (1.0, -2.0), 3, 3), {}, ValueError),  # negative spacing
+        ((np.ones((8, 8)), np.ones((8, 8)), float("nan"), 3, 3), {}, ValueError),  # NaN spacing
+        ((np.ones((2, 2, 2, 2)), np.ones((2, 2, 2, 2)), 1.0, 3, 3), {}, ValueError),  # 4D
+        ((np.ones((0, 4)), np.ones((0, 4)), 1.0, 3, 3), {}, ValueError),  # empty
+        ((np.full((8, 8), np.nan), np.ones((8, 8)), 1.0, 3, 3), {}, ValueError),  # non-finite dose
+        ((np.ones((8, 8)), np.ones((8, 8)), 1.0, 0, 3), {}, ValueError),  # dose criterion
+        ((np.ones((8, 8)), np.ones((8, 8)), 1.0, 3, -1), {}, ValueError),  # DTA
+        ((np.ones((8, 8)), np.ones((8, 8)), 1.0, 3, 3), {"interp_fraction": 2.5}, ValueError),
+        ((np.ones((8, 8)), np.ones((8, 8)), 1.0, 3, 3), {"max_gamma": 1.0}, ValueError),  # capped = pass
+        ((np.ones((8, 8)), np.ones((8, 8)), 1.0, 3, 3), {"max_gamma": float("inf")}, ValueError),
+        ((np.zeros((8, 8)), np.ones((8, 8)), 1.0, 3, 3), {}, ValueError),  # zero normalisation
+        ((np.array([["a"]]), np.array([["b"]]), 1.0, 3, 3), {}, TypeError),
+    ],
+)
 def test_input_validation(args, kwargs, error):
     with pytest.raises(error):
         gamma_map(*args, **kwargs)

@@ -208,9 +208,12 @@ def test_seg_on_other_grid_is_resampled_nearest(pair):
 
 def test_reference_choice_and_canonical_grid(pair):
     t1c, flair = pair
-    flipped = Volume(np.ascontiguousarray(flair.array[:, ::-1, :]), flair.spacing,
-                     tuple(np.asarray(flair.origin) + np.array([0.0, (flair.array.shape[1] - 1) * 3.0, 0.0])),
-                     (1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+    flipped = Volume(
+        np.ascontiguousarray(flair.array[:, ::-1, :]),
+        flair.spacing,
+        tuple(np.asarray(flair.origin) + np.array([0.0, (flair.array.shape[1] - 1) * 3.0, 0.0])),
+        (1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0),
+    )
     out, report = coregister({"flair": flipped, "t2": t1c}, rigid=False)
     assert report["flair"]["role"] == "reference"  # t1c and t1 absent: FLAIR before T2
     assert out["flair"].direction == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)

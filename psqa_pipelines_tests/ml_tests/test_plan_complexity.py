@@ -35,8 +35,16 @@ OPEN = (-200.0, 200.0)
 def _cp(i, w, a, b, jaw_x=OPEN, jaw_y=OPEN, gantry=0.0) -> ControlPoint:
     a = np.broadcast_to(np.asarray(a, float), (N,)).copy()
     b = np.broadcast_to(np.asarray(b, float), (N,)).copy()
-    return ControlPoint(index=i, cumulative_meterset_weight=w, gantry_angle=gantry, collimator_angle=0.0,
-                        jaw_x=jaw_x, jaw_y=jaw_y, mlc_a=a, mlc_b=b)
+    return ControlPoint(
+        index=i,
+        cumulative_meterset_weight=w,
+        gantry_angle=gantry,
+        collimator_angle=0.0,
+        jaw_x=jaw_x,
+        jaw_y=jaw_y,
+        mlc_a=a,
+        mlc_b=b,
+    )
 
 
 def _sns_beam(segments, number=1, jaw_x=OPEN, jaw_y=OPEN, boundaries=BND) -> Beam:
@@ -47,8 +55,14 @@ def _sns_beam(segments, number=1, jaw_x=OPEN, jaw_y=OPEN, boundaries=BND) -> Bea
         cps.append(_cp(len(cps), w / total if total else 0.0, a, b, jaw_x, jaw_y))
         w += mu
         cps.append(_cp(len(cps), w / total if total else 0.0, a, b, jaw_x, jaw_y))
-    return Beam(number=number, name=f"B{number}", meterset_mu=total, leaf_boundaries=boundaries,
-                control_points=cps, delivery="STEP_AND_SHOOT" if len(segments) > 1 else "STATIC")
+    return Beam(
+        number=number,
+        name=f"B{number}",
+        meterset_mu=total,
+        leaf_boundaries=boundaries,
+        control_points=cps,
+        delivery="STEP_AND_SHOOT" if len(segments) > 1 else "STATIC",
+    )
 
 
 def _plan(*beams, rx=None, fractions=None) -> Plan:
@@ -182,8 +196,14 @@ def test_dynamic_leaf_travel_and_gantry():
     a0, b0 = np.full(N, -20.0), np.full(N, 20.0)
     a1, b1 = a0.copy(), np.full(N, 25.0)
     a1[:5] = -10.0
-    beam = Beam(number=1, name="arc", meterset_mu=50.0, leaf_boundaries=BND, delivery="VMAT",
-                control_points=[_cp(0, 0.0, a0, b0, gantry=355.0), _cp(1, 1.0, a1, b1, gantry=5.0)])
+    beam = Beam(
+        number=1,
+        name="arc",
+        meterset_mu=50.0,
+        leaf_boundaries=BND,
+        delivery="VMAT",
+        control_points=[_cp(0, 0.0, a0, b0, gantry=355.0), _cp(1, 1.0, a1, b1, gantry=5.0)],
+    )
     m = beam_metrics(beam)
     assert m["leaf_travel_mm"] == pytest.approx(5 * 10 + 10 * 5)
     assert m["n_moving_leaves"] == 15
@@ -196,8 +216,10 @@ def test_dynamic_leaf_travel_and_gantry():
 
 def test_jaws_only_beam():
     bnd = np.array([-200.0, 200.0])
-    cps = [ControlPoint(i, float(i), 0.0, 0.0, (-30.0, 30.0), (-20.0, 20.0), np.array([-30.0]), np.array([30.0]))
-           for i in range(2)]
+    cps = [
+        ControlPoint(i, float(i), 0.0, 0.0, (-30.0, 30.0), (-20.0, 20.0), np.array([-30.0]), np.array([30.0]))
+        for i in range(2)
+    ]
     m = beam_metrics(Beam(1, "jaws", 100.0, bnd, cps, delivery="STATIC"))
     assert m["mean_area_mm2"] == pytest.approx(2400.0)
     assert m["mcs"] == 1.0 and m["lsv"] == 1.0
@@ -209,8 +231,20 @@ def test_zero_mu_beam_is_nan_without_warnings():
     dead = _sns_beam([(-20, 20, 0.0)], number=2)
     m = beam_metrics(dead)
     assert m["total_mu"] == 0.0 and m["n_segments"] == 0 and m["n_control_points"] == 2
-    for k in ("mcs", "lsv", "aav", "mean_area_mm2", "sas_5", "edge_metric", "aperture_irregularity",
-              "plan_modulation", "mean_leaf_gap_mm", "jaw_x_mm", "modulation_index", "mu_per_segment"):
+    for k in (
+        "mcs",
+        "lsv",
+        "aav",
+        "mean_area_mm2",
+        "sas_5",
+        "edge_metric",
+        "aperture_irregularity",
+        "plan_modulation",
+        "mean_leaf_gap_mm",
+        "jaw_x_mm",
+        "modulation_index",
+        "mu_per_segment",
+    ):
         assert math.isnan(m[k]), k
     live = _sns_beam([(-20, 20, 30.0), (-10, 10, 10.0)], number=1)
     p = plan_metrics(_plan(live, dead))
@@ -304,10 +338,12 @@ def test_modulation_index_two_level_field():
     # 200 MU on x in [-10, 0], 100 MU on [0, 10], y in [-10, 10]: interior 10 x 10 pixels of 2 mm,
     # sigma = 50; 10 x-pairs + 9 + 9 diagonal pairs differ by 100 = 2 sigma -> each adds min(2, 2)
     bnd = np.array([-10.0, 10.0])
-    cps = [ControlPoint(0, 0.0, 0.0, 0.0, OPEN, OPEN, np.array([-10.0]), np.array([10.0])),
-           ControlPoint(1, 0.5, 0.0, 0.0, OPEN, OPEN, np.array([-10.0]), np.array([10.0])),
-           ControlPoint(2, 0.5, 0.0, 0.0, OPEN, OPEN, np.array([-10.0]), np.array([0.0])),
-           ControlPoint(3, 1.0, 0.0, 0.0, OPEN, OPEN, np.array([-10.0]), np.array([0.0]))]
+    cps = [
+        ControlPoint(0, 0.0, 0.0, 0.0, OPEN, OPEN, np.array([-10.0]), np.array([10.0])),
+        ControlPoint(1, 0.5, 0.0, 0.0, OPEN, OPEN, np.array([-10.0]), np.array([10.0])),
+        ControlPoint(2, 0.5, 0.0, 0.0, OPEN, OPEN, np.array([-10.0]), np.array([0.0])),
+        ControlPoint(3, 1.0, 0.0, 0.0, OPEN, OPEN, np.array([-10.0]), np.array([0.0])),
+    ]
     beam = Beam(1, "mi", 200.0, bnd, cps)
     assert modulation_index(beam) == pytest.approx(28 * 2 / 100)
     # an open rectangle not aligned with the pixels is not modulated
@@ -321,8 +357,9 @@ PYMEDPHYS = Path(pymedphys.__file__).parent
 VMAT = PYMEDPHYS / "_experimental" / "serviceplans" / "templates" / "vmat_example.dcm"
 SQUARES = PYMEDPHYS / "tests" / "dicom" / "data" / "rtplan" / "06MV_plan.dcm"
 FFF = PYMEDPHYS / "_experimental" / "serviceplans" / "templates" / "FFF_example.dcm"
-needs_plans = pytest.mark.skipif(not (VMAT.is_file() and SQUARES.is_file() and FFF.is_file()),
-                                 reason="pymedphys example RT Plans not installed")
+needs_plans = pytest.mark.skipif(
+    not (VMAT.is_file() and SQUARES.is_file() and FFF.is_file()), reason="pymedphys example RT Plans not installed"
+)
 
 
 def _load(path):
@@ -396,7 +433,7 @@ def test_static_square_fields():
 @needs_plans
 def test_fff_example_static_field():
     ds, plan = _load(FFF)
-    (r,), p = complexity_tables(plan)
+    (r,), _p = complexity_tables(plan)
     assert r["total_mu"] == pytest.approx(_metersets(ds))
     assert r["mcs"] == pytest.approx(1.0, abs=1e-6)
     assert r["mean_area_mm2"] == pytest.approx(20.0 * 24.0)  # MLC +-10 mm, Y jaws +-12 mm

@@ -11,8 +11,13 @@ def _plans(n_patients: int, seed: int, start: int = 0) -> pd.DataFrame:
     rows = []
     for p in range(start, start + n_patients):
         for k in range(int(rng.integers(1, 3))):
-            rows.append({"plan_key": f"plan-{p}-{k}", "patient_id": f"pat-{p}",
-                         "gpr_2_2": float(rng.choice([85.0, 97.0], p=[0.15, 0.85]))})
+            rows.append(
+                {
+                    "plan_key": f"plan-{p}-{k}",
+                    "patient_id": f"pat-{p}",
+                    "gpr_2_2": float(rng.choice([85.0, 97.0], p=[0.15, 0.85])),
+                }
+            )
     return pd.DataFrame(rows)
 
 

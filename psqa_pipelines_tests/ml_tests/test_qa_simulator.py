@@ -155,7 +155,11 @@ def test_pack_reproduces_csv(batch0, qa_rows):
         qa = compute_plan_qa(pydicom.dcmread(rp_path), [pydicom.dcmread(p) for p in rd_paths])
         rows = [r for r in qa_rows if r["PlanSOPInstanceUID"] == s["plan_uid"]]
         for r in rows:
-            got = qa.gpr[r["Criterion"]] if r["BeamNumber"] == "ALL" else qa.beam_gpr[int(r["BeamNumber"])][r["Criterion"]]
+            got = (
+                qa.gpr[r["Criterion"]]
+                if r["BeamNumber"] == "ALL"
+                else qa.beam_gpr[int(r["BeamNumber"])][r["Criterion"]]
+            )
             assert abs(got - float(r["GPR"])) <= 0.1, (r, got)
         assert qa.n_beams == s["n_beams"]
 
@@ -168,8 +172,16 @@ def test_phi_planted(batch0, qa_rows):
     rp_path, rd_paths = _plan_files(out, s)
     for path in (rp_path, rd_paths[0]):
         raw = path.read_bytes()
-        for value in (phi.patient_name, phi.patient_id, phi.birth_date, phi.institution_name, phi.accession_number,
-                      phi.patient_address, phi.referring_physician, phi.other_patient_id):
+        for value in (
+            phi.patient_name,
+            phi.patient_id,
+            phi.birth_date,
+            phi.institution_name,
+            phi.accession_number,
+            phi.patient_address,
+            phi.referring_physician,
+            phi.other_patient_id,
+        ):
             assert value.encode() in raw, value
         ds = pydicom.dcmread(path)
         assert str(ds.PatientName) == phi.patient_name and ds.PatientBirthDate == phi.birth_date
@@ -235,7 +247,7 @@ def test_leaf_gap_error_increases_dd(plan):
         dds.append(_high_dd(planned, measured))
         gprs.append(_gpr(planned, measured)["2%/2mm"])
     assert dds[0] == pytest.approx(0.0, abs=1e-9)
-    assert all(b > a for a, b in zip(dds, dds[1:]))
+    assert all(b > a for a, b in zip(dds, dds[1:], strict=False))
     assert dds[-1] > 2.0
     assert gprs[-1] < gprs[0]
 
@@ -251,8 +263,7 @@ def test_narrow_segments_suffer_more():
     stripes[rows] = np.tile([1, 4, 2, 4, 1, 3, 4, 1, 2, 4, 1, 4, 3, 1, 4, 2], (int(rows.sum()), 1))
 
     def rel_dd(levels: np.ndarray) -> float:
-        beam = beam_from_levels(sweep_sequence(levels, edges), number=1, name="T", mu_per_level=20.0,
-                                gantry_angle=0.0)
+        beam = beam_from_levels(sweep_sequence(levels, edges), number=1, name="T", mu_per_level=20.0, gantry_angle=0.0)
         p = Plan(label="T", beams=[beam])
         st = replace(S.perfect_state(p), bank_a_mm=-0.25, bank_b_mm=0.25)
         planned, measured = S.plan_planes(p, st, np.random.default_rng(0), S.NOISELESS)
@@ -289,8 +300,12 @@ def test_machine_state_does_not_read_complexity(plan):
     edges = np.arange(-50.0, 50.01, 5.0)
     levels = np.zeros((60, 20), int)
     levels[20:40] = 1
-    open_beams = [beam_from_levels(sweep_sequence(levels, edges), number=i + 1, name=f"B{i}", mu_per_level=100.0,
-                                   gantry_angle=0.0) for i in range(len(plan.beams))]
+    open_beams = [
+        beam_from_levels(
+            sweep_sequence(levels, edges), number=i + 1, name=f"B{i}", mu_per_level=100.0, gantry_angle=0.0
+        )
+        for i in range(len(plan.beams))
+    ]
     simple = Plan(label="OPEN", beams=open_beams)
     cfg = S.SimConfig(p_stuck_leaf=0.0, p_bank_offset=0.0, p_mu_calibration=0.0)
     a = S.machine_state(np.random.default_rng(9), plan, cfg)
@@ -306,16 +321,45 @@ def test_cli(tmp_path, capsys):
     from ml.cli import main
 
     truth = tmp_path / "truth" / "t.csv"
-    assert main(["psqa", "simulate", "--out", str(tmp_path / "inbox"), "--plans", "1", "--seed", "4",
-                 "--batch", "2", "--workers", "1", "--truth", str(truth)]) == 0
+    assert (
+        main(
+            [
+                "psqa",
+                "simulate",
+                "--out",
+                str(tmp_path / "inbox"),
+                "--plans",
+                "1",
+                "--seed",
+                "4",
+                "--batch",
+                "2",
+                "--workers",
+                "1",
+                "--truth",
+                str(truth),
+            ]
+        )
+        == 0
+    )
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert info["plans"] == 1 and info["files"] == len(_files(tmp_path / "inbox"))
     assert (tmp_path / "inbox" / "qa_results" / S.csv_name(2)).is_file()
     with open(truth) as f:
         assert next(csv.DictReader(f))["fault"] in ("none", "stuck_leaf", "bank_offset", "mu_calibration")
     with pytest.raises(SystemExit):
-        main(["psqa", "simulate", "--out", str(tmp_path / "inbox"), "--plans", "1", "--truth",
-              str(tmp_path / "inbox" / "t.csv")])
+        main(
+            [
+                "psqa",
+                "simulate",
+                "--out",
+                str(tmp_path / "inbox"),
+                "--plans",
+                "1",
+                "--truth",
+                str(tmp_path / "inbox" / "t.csv"),
+            ]
+        )
 
 
 # -- statistics (slow) ------------------------------------------------------------------------------

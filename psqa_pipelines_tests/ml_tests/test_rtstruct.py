@@ -183,8 +183,12 @@ def test_nearest_slice_in_mm_on_thick_slices():
 
 def test_polygon_on_permuted_grid():
     # a grid whose rows run anterior (j axis = -y): rasterisation must go through world->index
-    grid = Volume(np.zeros((3, 10, 12), np.int16), (1.0, 2.0, 3.0), (0.0, 20.0, 0.0),
-                  (1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+    grid = Volume(
+        np.zeros((3, 10, 12), np.int16),
+        (1.0, 2.0, 3.0),
+        (0.0, 20.0, 0.0),
+        (1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0),
+    )
     sq = np.array([[2.5, 15.0], [6.5, 15.0], [6.5, 7.0], [2.5, 7.0]])  # y 7..15 -> j 2.5..6.5
     mask = rasterize_roi(_roi([_contour(sq, 3.0)]), grid)
     expected = np.zeros((3, 10, 12), bool)

@@ -35,8 +35,12 @@ def instances(study) -> list[DicomInstance]:
     return _instances(study.ct_files)
 
 
-def _edited_copy(study: StudyTruth, dest: Path, edit: Callable[[int, pydicom.Dataset], None] | None = None,
-                 drop: tuple[int, ...] = ()) -> list[Path]:
+def _edited_copy(
+    study: StudyTruth,
+    dest: Path,
+    edit: Callable[[int, pydicom.Dataset], None] | None = None,
+    drop: tuple[int, ...] = (),
+) -> list[Path]:
     """Copy the CT series (slice order) to ``dest``, applying ``edit(k, ds)`` to each slice."""
     dest.mkdir(parents=True, exist_ok=True)
     out = []
@@ -171,8 +175,7 @@ def _position_off(k, ds):
         (_spacing, (), "pixel spacing"),
         (_position_off, (), "non-uniform"),
     ],
-    ids=["gap-middle", "gap-near-end", "orientation", "in-plane-drift", "matrix-size", "pixel-spacing",
-         "uneven-z"],
+    ids=["gap-middle", "gap-near-end", "orientation", "in-plane-drift", "matrix-size", "pixel-spacing", "uneven-z"],
 )
 def test_validate_series_rejects_inconsistent_series(study, tmp_path, edit, drop, detail):
     paths = _edited_copy(study, tmp_path / "s", edit, drop)
@@ -220,8 +223,7 @@ def _write_reencoded(src: Path, dest: Path, syntax) -> None:
     big = syntax == ExplicitVRBigEndian
     # OW pixel data is written as stored: byte-swap it ourselves for big endian
     ds.PixelData = arr.astype(">i2" if big else "<i2").tobytes()
-    dcmwrite(dest, ds, implicit_vr=syntax == ImplicitVRLittleEndian, little_endian=not big,
-             force_encoding=True)
+    dcmwrite(dest, ds, implicit_vr=syntax == ImplicitVRLittleEndian, little_endian=not big, force_encoding=True)
 
 
 @pytest.mark.parametrize("syntax", [ExplicitVRBigEndian, ImplicitVRLittleEndian], ids=["big-endian", "implicit"])

@@ -26,8 +26,15 @@ class Regression(TrainTask):
 
     samples_name = "rows"
 
-    def __init__(self, seed: int = 0, n: int = 256, batch: int = 16, lr: float = 0.05, val_metric_sign: float = 1.0,
-                 slow: float = 0.0) -> None:
+    def __init__(
+        self,
+        seed: int = 0,
+        n: int = 256,
+        batch: int = 16,
+        lr: float = 0.05,
+        val_metric_sign: float = 1.0,
+        slow: float = 0.0,
+    ) -> None:
         g = torch.Generator().manual_seed(123)
         self.x = torch.randn(n, 8, generator=g)
         self.y = self.x @ torch.arange(1.0, 9.0) + 0.1 * torch.randn(n, generator=g)
@@ -51,7 +58,7 @@ class Regression(TrainTask):
     def batch(self, step: int):
         if self.slow:
             time.sleep(self.slow)
-        idx = self.perm[step * self.bs:(step + 1) * self.bs]
+        idx = self.perm[step * self.bs : (step + 1) * self.bs]
         return self.x[idx], self.y[idx]
 
     def batch_size(self, batch) -> int:
@@ -79,13 +86,12 @@ class Regression(TrainTask):
 def _fit(out: Path, task: Regression | None = None, **kw) -> tuple:
     settings = FitSettings(**{"epochs": 4, "patience": 50, "checkpoint_minutes": None, "progress_seconds": 1e9, **kw})
     task = task or Regression()
-    trainer = Trainer(task, settings, out, monitor="val_mse", config={"lr": 0.05, **kw},
-                      log=lambda *_: None)
+    trainer = Trainer(task, settings, out, monitor="val_mse", config={"lr": 0.05, **kw}, log=lambda *_: None)
     return trainer.fit(), task
 
 
 def test_learns_and_writes_history_and_best_weights(tmp_path):
-    res, task = _fit(tmp_path / "a")
+    res, _task = _fit(tmp_path / "a")
     h = pd.read_csv(tmp_path / "a" / "history.csv")
     assert list(h["epoch"]) == [0, 1, 2, 3] and res.stopped_by == "epochs"
     assert h["val_mse"].iloc[-1] < 0.1 * h["val_mse"].iloc[0]
@@ -133,8 +139,9 @@ def test_time_checkpoints_resume_mid_epoch_to_the_same_model(tmp_path):
     assert part.stopped_by == "max_minutes" and ck["in_epoch"]
     logs: list[str] = []
     settings = FitSettings(epochs=4, patience=50, checkpoint_minutes=0, progress_seconds=1e9)
-    res = Trainer(Regression(), settings, tmp_path / "part", monitor="val_mse", config={"lr": 0.05},
-                  log=logs.append).fit()
+    res = Trainer(
+        Regression(), settings, tmp_path / "part", monitor="val_mse", config={"lr": 0.05}, log=logs.append
+    ).fit()
     assert any(line.startswith(f"resumed epoch {ck['epoch']} step {ck['step']}/16") for line in logs), logs
     a = torch.load(tmp_path / "full" / "model_best.pt", weights_only=True)
     b = torch.load(tmp_path / "part" / "model_best.pt", weights_only=True)
@@ -150,8 +157,14 @@ def test_a_checkpoint_of_another_configuration_is_not_resumed(tmp_path):
     assert any("another configuration" in line for line in logs)
     # runtime fields (budget, device, logging cadence) are not part of a run's identity
     logs.clear()
-    Trainer(Regression(), FitSettings(epochs=2, patience=50, checkpoint_minutes=None, progress_seconds=1e9),
-            tmp_path, monitor="val_mse", config={"lr": 0.5, "max_minutes": 3, "device": "cpu"}, log=logs.append).fit()
+    Trainer(
+        Regression(),
+        FitSettings(epochs=2, patience=50, checkpoint_minutes=None, progress_seconds=1e9),
+        tmp_path,
+        monitor="val_mse",
+        config={"lr": 0.5, "max_minutes": 3, "device": "cpu"},
+        log=logs.append,
+    ).fit()
     assert any(line.startswith("resumed after epoch 0") for line in logs)
 
 
@@ -186,9 +199,35 @@ def test_callbacks_see_progress_epochs_checkpoints_and_the_end(tmp_path):
 # a real kill -9 of a training process (BMMQA through its CLI), then the same command again
 # ---------------------------------------------------------------------------------------
 def _bmmqa_cmd(pack: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "ml", "bmmqa", "train", "--data", str(pack), "--out", str(out),
-            "--variant", "bmmqa", "--epochs", "3", "--batch-size", "4", "--warmup-epochs", "1", "--patience", "50",
-            "--model-json", json.dumps(SMALL), "--checkpoint-minutes", "0", "--log-every", "1", "--device", "cpu"]
+    return [
+        sys.executable,
+        "-m",
+        "ml",
+        "bmmqa",
+        "train",
+        "--data",
+        str(pack),
+        "--out",
+        str(out),
+        "--variant",
+        "bmmqa",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "4",
+        "--warmup-epochs",
+        "1",
+        "--patience",
+        "50",
+        "--model-json",
+        json.dumps(SMALL),
+        "--checkpoint-minutes",
+        "0",
+        "--log-every",
+        "1",
+        "--device",
+        "cpu",
+    ]
 
 
 @pytest.mark.slow
@@ -198,8 +237,9 @@ def test_resume_after_kill_9_mid_epoch_gives_the_same_final_metrics(tmp_path):
     ref = subprocess.run(_bmmqa_cmd(pack, tmp_path / "ref"), capture_output=True, text=True, timeout=600, env=env)
     assert ref.returncode == 0, ref.stderr[-2000:]
 
-    proc = subprocess.Popen(_bmmqa_cmd(pack, tmp_path / "killed"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
+    proc = subprocess.Popen(
+        _bmmqa_cmd(pack, tmp_path / "killed"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     seen = []
     try:
         for line in proc.stdout:  # 18 steps per epoch; kill in the middle of epoch 1
@@ -214,8 +254,7 @@ def test_resume_after_kill_9_mid_epoch_gives_the_same_final_metrics(tmp_path):
     assert ck["in_epoch"] and ck["epoch"] == 1 and 1 <= ck["step"] < 18
     assert not (tmp_path / "killed" / "metrics.json").exists()
 
-    again = subprocess.run(_bmmqa_cmd(pack, tmp_path / "killed"), capture_output=True, text=True, timeout=600,
-                           env=env)
+    again = subprocess.run(_bmmqa_cmd(pack, tmp_path / "killed"), capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resumed epoch 1 step {ck['step']}/18" in again.stdout
     m_ref = json.loads((tmp_path / "ref" / "metrics.json").read_text())

@@ -209,8 +209,7 @@ def test_nifti_bool_written_as_uint8(tmp_path):
 
 def test_write_nifti_is_deterministic(tmp_path):
     rng = np.random.default_rng(3)
-    vol = Volume(rng.normal(size=(6, 7, 8)).astype(np.float32), (1.0, 1.5, 2.0), (3.0, 4.0, 5.0),
-                 DIRECTIONS[20])
+    vol = Volume(rng.normal(size=(6, 7, 8)).astype(np.float32), (1.0, 1.5, 2.0), (3.0, 4.0, 5.0), DIRECTIONS[20])
     a = write_nifti(vol, tmp_path / "a.nii.gz").read_bytes()
     b = write_nifti(vol, tmp_path / "b.nii.gz").read_bytes()
     assert a == b
@@ -247,8 +246,7 @@ def test_resample_to_same_grid_is_noop(interpolation):
 def test_resample_onto_grid_shifted_by_one_voxel(axis, direction):
     vol = _smooth_volume(direction)
     step = vol.direction_matrix[:, axis] * vol.spacing[axis]  # one voxel along voxel axis ``axis``
-    ref = Volume(np.zeros(vol.array.shape, np.uint8), vol.spacing, tuple(np.asarray(vol.origin) + step),
-                 vol.direction)
+    ref = Volume(np.zeros(vol.array.shape, np.uint8), vol.spacing, tuple(np.asarray(vol.origin) + step), vol.direction)
     np_axis = 2 - axis
     n = vol.array.shape[np_axis]
     src = [slice(None)] * 3

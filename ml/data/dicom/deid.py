@@ -41,6 +41,19 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+__all__ = [
+    "BASIC_PROFILE",
+    "DEID_METHOD",
+    "DEV_SECRET",
+    "SAFE_TEXT",
+    "DeidReport",
+    "DicomDeidentifier",
+    "Pseudonymizer",
+    "needs_pixel_cleaning",
+    "patient_key_of",
+    "resolve_secret",
+]
+
 DEV_SECRET = "psqa-dev-secret-not-for-clinical-use"
 
 # (group, element) -> action.  Subset of PS3.15 Table E.1-1 relevant to RT / CT / MR objects.
@@ -160,27 +173,71 @@ BASIC_PROFILE: dict[tuple[int, int], str] = {
 # Free-text attributes that carry no identity and that downstream steps need (keywords).
 SAFE_TEXT = frozenset(
     {
-        "Manufacturer", "ManufacturerModelName", "SoftwareVersions", "ConvolutionKernel",
-        "SequenceName", "ImplementationVersionName", "SpecificCharacterSet",
-        "CodeValue", "CodingSchemeDesignator", "CodingSchemeVersion", "CodeMeaning",
-        "LongCodeValue", "URNCodeValue", "ContextIdentifier", "MappingResource",
-        "DeidentificationMethod", "PatientIdentityRemoved", "LongitudinalTemporalInformationModified",
-        "DoseUnits", "DoseType", "DoseSummationType", "PrimaryDosimeterUnit", "RadiationType",
-        "BeamType", "RTBeamLimitingDeviceType", "RTROIInterpretedType", "ROIGenerationAlgorithm",
-        "ContourGeometricType", "TreatmentDeliveryType", "GantryRotationDirection",
-        "BeamLimitingDeviceRotationDirection", "PatientSupportRotationDirection",
-        "TableTopEccentricRotationDirection", "FluenceMode", "ApprovalStatus",
-        "DoseReferenceStructureType", "DoseReferenceType", "PlanIntent", "RTPlanGeometry",
-        "ContrastBolusRoute", "ScanningSequence", "SequenceVariant", "ScanOptions",
-        "MRAcquisitionType", "ImageType", "BodyPartExamined", "PatientPosition",
-        "PhotometricInterpretation", "RescaleType", "Modality", "ROIName", "BeamName",
-        "TreatmentMachineName", "StructureSetLabel", "RTPlanLabel", "PatientName", "PatientID",
+        "Manufacturer",
+        "ManufacturerModelName",
+        "SoftwareVersions",
+        "ConvolutionKernel",
+        "SequenceName",
+        "ImplementationVersionName",
+        "SpecificCharacterSet",
+        "CodeValue",
+        "CodingSchemeDesignator",
+        "CodingSchemeVersion",
+        "CodeMeaning",
+        "LongCodeValue",
+        "URNCodeValue",
+        "ContextIdentifier",
+        "MappingResource",
+        "DeidentificationMethod",
+        "PatientIdentityRemoved",
+        "LongitudinalTemporalInformationModified",
+        "DoseUnits",
+        "DoseType",
+        "DoseSummationType",
+        "PrimaryDosimeterUnit",
+        "RadiationType",
+        "BeamType",
+        "RTBeamLimitingDeviceType",
+        "RTROIInterpretedType",
+        "ROIGenerationAlgorithm",
+        "ContourGeometricType",
+        "TreatmentDeliveryType",
+        "GantryRotationDirection",
+        "BeamLimitingDeviceRotationDirection",
+        "PatientSupportRotationDirection",
+        "TableTopEccentricRotationDirection",
+        "FluenceMode",
+        "ApprovalStatus",
+        "DoseReferenceStructureType",
+        "DoseReferenceType",
+        "PlanIntent",
+        "RTPlanGeometry",
+        "ContrastBolusRoute",
+        "ScanningSequence",
+        "SequenceVariant",
+        "ScanOptions",
+        "MRAcquisitionType",
+        "ImageType",
+        "BodyPartExamined",
+        "PatientPosition",
+        "PhotometricInterpretation",
+        "RescaleType",
+        "Modality",
+        "ROIName",
+        "BeamName",
+        "TreatmentMachineName",
+        "StructureSetLabel",
+        "RTPlanLabel",
+        "PatientName",
+        "PatientID",
     }
 )
 
 _TEXT_VRS = frozenset({"LO", "SH", "LT", "ST", "UT", "UC", "AE", "AS", "UN"})
 _DATE_VRS = frozenset({"DA", "DT", "TM"})
-_CLASS_UID_KEYWORD = re.compile(r"(ClassUID|TransferSyntaxUID|CodingSchemeUID|ContextGroupExtensionCreatorUID|MappingResourceUID|ContextUID)$")
+_CLASS_UID_KEYWORD = re.compile(
+    r"(ClassUID|TransferSyntaxUID|CodingSchemeUID|ContextGroupExtensionCreatorUID|MappingResourceUID|ContextUID)$"
+)
 _STANDARD_UID_ROOT = "1.2.840.10008."
 
 DEID_METHOD = "PS3.15 Basic Profile; keyed-hash pseudonyms; UIDs remapped"
@@ -259,8 +316,7 @@ class DicomDeidentifier:
     names it does not know become ``ROI_<ROINumber>``.
     """
 
-    def __init__(self, pseudonymizer: Pseudonymizer,
-                 roi_name_map: Callable[[str], str | None] | None = None) -> None:
+    def __init__(self, pseudonymizer: Pseudonymizer, roi_name_map: Callable[[str], str | None] | None = None) -> None:
         self.p = pseudonymizer
         self.roi_name_map = roi_name_map
 

@@ -16,6 +16,25 @@ from pathlib import Path
 
 import numpy as np
 
+__all__ = [
+    "CT_IMAGE",
+    "IMAGE_MODALITIES",
+    "MR_IMAGE",
+    "REASONS",
+    "RT_DOSE",
+    "RT_PLAN",
+    "RT_STRUCT",
+    "SUPPORTED_SOP_CLASSES",
+    "DicomInstance",
+    "IngestError",
+    "dataset_to_bytes",
+    "decode_pixels",
+    "quiet_pydicom",
+    "read_dataset",
+    "summarize",
+    "validate_pixels",
+]
+
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"
@@ -80,8 +99,7 @@ def quiet_pydicom():
         logger.propagate = old_prop
 
 
-def read_dataset(path: str | os.PathLike, *, stop_before_pixels: bool = False,
-                 specific_tags: list | None = None):
+def read_dataset(path: str | os.PathLike, *, stop_before_pixels: bool = False, specific_tags: list | None = None):
     """Read a DICOM file; files without preamble/meta are accepted only if they look like a
     real dataset (SOP Class UID and Study Instance UID present)."""
     import pydicom
@@ -90,8 +108,7 @@ def read_dataset(path: str | os.PathLike, *, stop_before_pixels: bool = False,
     path = Path(path)
     with quiet_pydicom():
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels,
-                                 specific_tags=specific_tags)
+            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, specific_tags=specific_tags)
         except InvalidDicomError:
             ds = None
         except (EOFError, OSError) as exc:
@@ -100,8 +117,9 @@ def read_dataset(path: str | os.PathLike, *, stop_before_pixels: bool = False,
             raise IngestError("unreadable", type(exc).__name__) from None
         if ds is None:
             try:
-                ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True,
-                                     specific_tags=specific_tags)
+                ds = pydicom.dcmread(
+                    path, stop_before_pixels=stop_before_pixels, force=True, specific_tags=specific_tags
+                )
             except Exception:  # noqa: BLE001
                 raise IngestError("not_dicom") from None
             try:
@@ -207,7 +225,8 @@ def summarize(ds, path: Path) -> DicomInstance:
         _rtstruct_refs(ds, inst)
     elif modality == "RTDOSE":
         inst.referenced_plan_uids = tuple(
-            str(_get(item, "ReferencedSOPInstanceUID", "")) for item in _sequence(ds, "ReferencedRTPlanSequence")
+            str(_get(item, "ReferencedSOPInstanceUID", ""))
+            for item in _sequence(ds, "ReferencedRTPlanSequence")
             if _get(item, "ReferencedSOPInstanceUID")
         )
         if not _get(ds, "DoseGridScaling"):
@@ -248,8 +267,14 @@ def _image_geometry(ds, inst: DicomInstance) -> None:
     ipp = _floats(_get(ds, "ImagePositionPatient"), 3)
     iop = _floats(_get(ds, "ImageOrientationPatient"), 6)
     missing = [
-        name for name, v in (("Rows", rows), ("Columns", cols), ("PixelSpacing", spacing),
-                             ("ImagePositionPatient", ipp), ("ImageOrientationPatient", iop))
+        name
+        for name, v in (
+            ("Rows", rows),
+            ("Columns", cols),
+            ("PixelSpacing", spacing),
+            ("ImagePositionPatient", ipp),
+            ("ImageOrientationPatient", iop),
+        )
         if not v
     ]
     if "PixelData" not in ds and "FloatPixelData" not in ds:

@@ -16,6 +16,8 @@ import numpy as np
 from ml.data.dicom.headers import IngestError, decode_pixels
 from ml.data.volume import Volume
 
+__all__ = ["read_dose", "referenced_beam_number"]
+
 
 def read_dose(ds, path: Path | None = None) -> Volume:
     rows, cols = int(ds.Rows), int(ds.Columns)

@@ -17,6 +17,8 @@ import numpy as np
 
 from ml.data.volume import Volume
 
+__all__ = ["RoiContours", "parse_rtstruct", "rasterize_roi", "rasterize_rtstruct"]
+
 
 @dataclass
 class RoiContours:
@@ -90,7 +92,7 @@ def rasterize_roi(roi: RoiContours, reference: Volume) -> np.ndarray:
     by_slice: dict[int, list[np.ndarray]] = {}
     for pts in roi.contours:
         ijk = reference.world_to_index(pts)
-        kr = int(round(float(np.median(ijk[:, 2]))))  # nearest slice
+        kr = round(float(np.median(ijk[:, 2])))  # nearest slice
         if kr < 0 or kr >= nz:  # more than half a slice outside the stack
             continue
         by_slice.setdefault(kr, []).append(ijk[:, :2])

@@ -28,6 +28,8 @@ import numpy as np
 from ml.data.dicom.headers import DicomInstance, IngestError, decode_pixels, quiet_pydicom
 from ml.data.volume import Volume
 
+__all__ = ["SeriesGeometry", "load_series_volume", "validate_series"]
+
 
 @dataclass
 class SeriesGeometry:

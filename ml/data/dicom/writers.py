@@ -37,22 +37,22 @@ from ml.data.dicom.headers import CT_IMAGE, MR_IMAGE, RT_DOSE, RT_PLAN, RT_STRUC
 
 __all__ = [
     "CT_IMAGE_STORAGE",
+    "DOSE_GRID_SCALING",
     "MR_IMAGE_STORAGE",
     "RT_DOSE_STORAGE",
     "RT_PLAN_STORAGE",
     "RT_STRUCT_STORAGE",
     "STUDY_COMPONENT_SOP_CLASS",
-    "DOSE_GRID_SCALING",
-    "format_ds",
-    "quantise_dose",
+    "atomic_write",
+    "closed_planar_contour",
     "dose_grid_scaling_for",
     "file_meta",
-    "set_rt_dose_grid",
+    "format_ds",
     "image_reference",
+    "quantise_dose",
     "referenced_frame_of_reference",
-    "closed_planar_contour",
+    "set_rt_dose_grid",
     "structure_set_roi",
-    "atomic_write",
     "write_dataset",
 ]
 
@@ -89,8 +89,9 @@ def _ds(v: str | float, decimals: int = 6) -> str:
     return v if isinstance(v, str) else format_ds(v, decimals)
 
 
-def quantise_dose(dose_gy: np.ndarray, scaling: float = DOSE_GRID_SCALING, *,
-                  bits: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def quantise_dose(
+    dose_gy: np.ndarray, scaling: float = DOSE_GRID_SCALING, *, bits: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
     """(stored unsigned array, the Gy values it decodes to) for ``DoseGridScaling = scaling``.
 
     Negative doses are clipped to 0 and NaN becomes 0; a dose above ``(2**bits - 1) * scaling``
@@ -103,8 +104,9 @@ def quantise_dose(dose_gy: np.ndarray, scaling: float = DOSE_GRID_SCALING, *,
         raise ValueError(f"DoseGridScaling must be positive, got {scaling}")
     units = np.rint(np.clip(np.nan_to_num(np.asarray(dose_gy, float), nan=0.0), 0.0, None) / scaling)
     if units.size and float(units.max()) > 2**bits - 1:
-        raise ValueError(f"dose {float(units.max()) * scaling:.6g} Gy does not fit {bits} bits at "
-                         f"DoseGridScaling {scaling:g}")
+        raise ValueError(
+            f"dose {float(units.max()) * scaling:.6g} Gy does not fit {bits} bits at DoseGridScaling {scaling:g}"
+        )
     stored = units.astype(_DTYPES[bits])
     return stored, stored.astype(np.float64) * scaling
 
@@ -226,8 +228,7 @@ def image_reference(sop_class: str, sop_uid: str):
     return r
 
 
-def referenced_frame_of_reference(frame_of_reference_uid: str, study_uid: str, series_uid: str,
-                                  images: Sequence):
+def referenced_frame_of_reference(frame_of_reference_uid: str, study_uid: str, series_uid: str, images: Sequence):
     """The ReferencedFrameOfReferenceSequence item of an RT Structure Set: frame of reference ->
     study -> the CT series and every one of its ``images`` (``image_reference`` items)."""
     from pydicom.dataset import Dataset
@@ -259,9 +260,18 @@ def closed_planar_contour(image, number: int, n_points: int, contour_data: str):
     return c
 
 
-def structure_set_roi(number: int, name: str, frame_of_reference_uid: str, *, contours: Sequence,
-                      color: Sequence[int], interpreted_type: str = "ORGAN", algorithm: str = "MANUAL",
-                      description: str | None = None, empty_sequence: bool = True):
+def structure_set_roi(
+    number: int,
+    name: str,
+    frame_of_reference_uid: str,
+    *,
+    contours: Sequence,
+    color: Sequence[int],
+    interpreted_type: str = "ORGAN",
+    algorithm: str = "MANUAL",
+    description: str | None = None,
+    empty_sequence: bool = True,
+):
     """The three items one ROI needs in an RT Structure Set -> (StructureSetROISequence item,
     ROIContourSequence item, RTROIObservationsSequence item). ``empty_sequence=False`` leaves
     ContourSequence out when there is no contour (rather than writing an empty one)."""

@@ -27,8 +27,7 @@ from ml.data.synthetic.geometry import (
 )
 from ml.data.synthetic.grid import CTGrid
 
-__all__ = ["CANON_FOV_XY_MM", "CANON_FOV_Z_MM", "ROI_NAMES", "HNPhantom", "PhantomSlices", "rasterise",
-           "simulate_scan"]
+__all__ = ["CANON_FOV_XY_MM", "CANON_FOV_Z_MM", "ROI_NAMES", "HNPhantom", "PhantomSlices", "rasterise", "simulate_scan"]
 
 ROI_NAMES: tuple[str, ...] = (
     "BODY",
@@ -169,10 +168,7 @@ class HNPhantom:
             return []
         sides = (-1.0, 1.0) if self.bilateral else (self.side,)
         a, b = self.node_ab
-        return [
-            (self._x(s * self.node_x), self._y(self.node_y), self._a(a * f), self._b(b * f))
-            for s in sides
-        ]
+        return [(self._x(s * self.node_x), self._y(self.node_y), self._a(a * f), self._b(b * f)) for s in sides]
 
     def airway(self, zc: float):
         f = capped_width(zc, -1e9, 18.0, 0.0, 8.0)
@@ -215,9 +211,7 @@ class HNPhantom:
         return out
 
     # -- HU on one slice ----------------------------------------------------------------
-    def paint_slice(
-        self, z_world: float, X: np.ndarray, Y: np.ndarray, roi_masks: dict[str, np.ndarray]
-    ) -> np.ndarray:
+    def paint_slice(self, z_world: float, X: np.ndarray, Y: np.ndarray, roi_masks: dict[str, np.ndarray]) -> np.ndarray:
         """HU at the voxel centres ``(X, Y)`` of the slice at ``z_world``, given its ROI masks."""
         zc = self._zc(z_world)
         j = self.hu_jitter
@@ -236,8 +230,15 @@ class HNPhantom:
             hu[ellipse_mask(X, Y, *aw) & inner] = -1000.0
         return hu
 
-    def _paint_soft_tissue(self, hu: np.ndarray, zc: float, X: np.ndarray, Y: np.ndarray,
-                           body: tuple[float, float, float, float], body_mask: np.ndarray) -> np.ndarray:
+    def _paint_soft_tissue(
+        self,
+        hu: np.ndarray,
+        zc: float,
+        X: np.ndarray,
+        Y: np.ndarray,
+        body: tuple[float, float, float, float],
+        body_mask: np.ndarray,
+    ) -> np.ndarray:
         """Fat, muscle and (in the cranium) skull and brain; returns the mask inside the fat layer."""
         j = self.hu_jitter
         cx, cy, a, b = body

@@ -68,8 +68,11 @@ class DoseBox:
 
     def ct_slices(self) -> tuple[slice, slice, slice]:
         """The CT ``[z, y, x]`` box the dose grid spans (its corner nodes included)."""
-        return (slice(None), slice(self.j0, self.j0 + self.step * (self.nrow - 1) + 1),
-                slice(self.i0, self.i0 + self.step * (self.ncol - 1) + 1))
+        return (
+            slice(None),
+            slice(self.j0, self.j0 + self.step * (self.nrow - 1) + 1),
+            slice(self.i0, self.i0 + self.step * (self.ncol - 1) + 1),
+        )
 
 
 def dose_box(body: np.ndarray, matrix: int, step: int = 2) -> DoseBox:
@@ -98,10 +101,13 @@ def plan_dose(masks: dict[str, np.ndarray], grid: CTGrid, prescription_gy: float
     box = dose_box(masks["BODY"], grid.matrix)
     ct_box = box.ct_slices()
     ps, st = grid.pixel_spacing, grid.slice_thickness
-    fine = hn_dose(masks["BODY"][ct_box], masks["PTV70"][ct_box], masks["PTV56"][ct_box], (st, ps, ps),
-                   prescription_gy)
-    dose = fine[:, ::box.step, ::box.step]
+    fine = hn_dose(masks["BODY"][ct_box], masks["PTV70"][ct_box], masks["PTV56"][ct_box], (st, ps, ps), prescription_gy)
+    dose = fine[:, :: box.step, :: box.step]
     stored, gy = quantise_dose(dose, DOSE_GRID_SCALING)
     dps = box.step * ps
-    return PlanDose(stored=stored, gy=gy, origin=(float(grid.xs[box.i0]), float(grid.ys[box.j0]), float(grid.zs[0])),
-                    spacing=(dps, dps, st))
+    return PlanDose(
+        stored=stored,
+        gy=gy,
+        origin=(float(grid.xs[box.i0]), float(grid.ys[box.j0]), float(grid.zs[0])),
+        spacing=(dps, dps, st),
+    )

@@ -48,5 +48,14 @@ def ct_grid(matrix: int, pixel_spacing_mm: float, n_slices: int, slice_thickness
     xs = x0 + ps * np.arange(matrix)
     z_strings = [ds_mm(z0 + k * st) for k in range(n_slices)]
     zs = np.array([float(s) for s in z_strings])
-    return CTGrid(matrix=matrix, n_slices=n_slices, pixel_spacing=ps, slice_thickness=st, x0=x0,
-                  xs=xs, ys=xs.copy(), zs=zs, z_strings=z_strings)
+    return CTGrid(
+        matrix=matrix,
+        n_slices=n_slices,
+        pixel_spacing=ps,
+        slice_thickness=st,
+        x0=x0,
+        xs=xs,
+        ys=xs.copy(),
+        zs=zs,
+        z_strings=z_strings,
+    )

@@ -33,9 +33,18 @@ class StudyHeader:
 
     def dataset(self, *, sop_class: str, sop_uid: str, modality: str, series_uid: str, series_number: int):
         """``base_dataset`` of one object of this study."""
-        return base_dataset(self.phi, sop_class=sop_class, sop_uid=sop_uid, modality=modality,
-                            study_uid=self.study_uid, series_uid=series_uid, series_number=series_number,
-                            study_date=self.study_date, study_time=self.study_time, sex=self.sex)
+        return base_dataset(
+            self.phi,
+            sop_class=sop_class,
+            sop_uid=sop_uid,
+            modality=modality,
+            study_uid=self.study_uid,
+            series_uid=series_uid,
+            series_number=series_number,
+            study_date=self.study_date,
+            study_time=self.study_time,
+            sex=self.sex,
+        )
 
 
 def patient_age(birth: str, on: _dt.date) -> str:
@@ -83,8 +92,9 @@ def _set_dates(ds, study_date: _dt.date, study_time: str) -> None:
     ds.ContentTime = study_time
 
 
-def _set_study_and_series(ds, phi: PlantedPHI, modality: str, study_uid: str, series_uid: str,
-                          series_number: int) -> None:
+def _set_study_and_series(
+    ds, phi: PlantedPHI, modality: str, study_uid: str, series_uid: str, series_number: int
+) -> None:
     ds.AccessionNumber = phi.accession_number
     ds.Modality = modality
     ds.Manufacturer = "PSQA Synthetic Imaging"

@@ -106,26 +106,56 @@ def generate_hn_study(
     rs_file = rs_uid = None
     if with_rtstruct:
         rs_uid = uid("RTSTRUCT")
-        rs_file = write_rtstruct(study, header, grid, sampled.polygons, ct_series_uid, ct_sop, sop_uid=rs_uid,
-                                 series_uid=uid("series", "RTSTRUCT"))
+        rs_file = write_rtstruct(
+            study,
+            header,
+            grid,
+            sampled.polygons,
+            ct_series_uid,
+            ct_sop,
+            sop_uid=rs_uid,
+            series_uid=uid("series", "RTSTRUCT"),
+        )
     rd_file = rd_uid = dose = None
     if with_dose:
         dose = plan_dose(sampled.masks, grid, prescription_gy)
         rd_uid = uid("RTDOSE")
-        rd_file = write_rtdose(study, header, grid, dose, sop_uid=rd_uid, series_uid=uid("series", "RTDOSE"),
-                               plan_uid=uid("RTPLAN"), rtstruct_uid=rs_uid)
+        rd_file = write_rtdose(
+            study,
+            header,
+            grid,
+            dose,
+            sop_uid=rd_uid,
+            series_uid=uid("series", "RTDOSE"),
+            plan_uid=uid("RTPLAN"),
+            rtstruct_uid=rs_uid,
+        )
     return StudyTruth(
-        study_dir=study, phi=phi, study_instance_uid=header.study_uid,
-        frame_of_reference_uid=header.frame_of_reference_uid, ct_series_uid=ct_series_uid,
-        ct_files=ct_files, rtstruct_file=rs_file, rtdose_file=rd_file, roi_names=list(ROI_NAMES),
-        masks=sampled.masks, hu=stored - np.int16(1024),  # int16 HU, exactly what the files decode to
-        **_dose_truth(dose), ct_origin=grid.origin, ct_spacing=grid.spacing, ct_sop_uids=ct_sop,
-        rtstruct_sop_uid=rs_uid, rtdose_sop_uid=rd_uid, prescription_gy=float(prescription_gy), seed=seed,
+        study_dir=study,
+        phi=phi,
+        study_instance_uid=header.study_uid,
+        frame_of_reference_uid=header.frame_of_reference_uid,
+        ct_series_uid=ct_series_uid,
+        ct_files=ct_files,
+        rtstruct_file=rs_file,
+        rtdose_file=rd_file,
+        roi_names=list(ROI_NAMES),
+        masks=sampled.masks,
+        hu=stored - np.int16(1024),  # int16 HU, exactly what the files decode to
+        **_dose_truth(dose),
+        ct_origin=grid.origin,
+        ct_spacing=grid.spacing,
+        ct_sop_uids=ct_sop,
+        rtstruct_sop_uid=rs_uid,
+        rtdose_sop_uid=rd_uid,
+        prescription_gy=float(prescription_gy),
+        seed=seed,
     )
 
 
-def _check_arguments(matrix: int, n_slices: int, pixel_spacing_mm: float, slice_thickness_mm: float,
-                     prescription_gy: float) -> None:
+def _check_arguments(
+    matrix: int, n_slices: int, pixel_spacing_mm: float, slice_thickness_mm: float, prescription_gy: float
+) -> None:
     if matrix < 16 or n_slices < 4:
         raise ValueError("need matrix >= 16 and n_slices >= 4")
     if pixel_spacing_mm <= 0 or slice_thickness_mm <= 0 or prescription_gy <= 0:
@@ -139,8 +169,14 @@ def _draw_study_header(seed: int, phi: PlantedPHI, uid: StudyUids) -> StudyHeade
     hh, mm = int(prng.integers(7, 17)), int(prng.integers(0, 60))
     study_time = f"{hh:02d}{mm:02d}{int(prng.integers(0, 60)):02d}"
     sex = "F" if prng.random() < 0.35 else "M"
-    return StudyHeader(phi=phi, study_uid=uid("study"), frame_of_reference_uid=uid("frame-of-reference"),
-                       study_date=study_date, study_time=study_time, sex=sex)
+    return StudyHeader(
+        phi=phi,
+        study_uid=uid("study"),
+        frame_of_reference_uid=uid("frame-of-reference"),
+        study_date=study_date,
+        study_time=study_time,
+        sex=sex,
+    )
 
 
 def _dose_truth(dose: PlanDose | None) -> dict:
@@ -149,9 +185,7 @@ def _dose_truth(dose: PlanDose | None) -> dict:
     return {"dose_gy": dose.gy, "dose_origin": dose.origin, "dose_spacing": dose.spacing}
 
 
-def generate_hn_cohort(
-    out_dir: str | Path, n_studies: int = 3, *, seed: int = 0, **kwargs
-) -> list[StudyTruth]:
+def generate_hn_cohort(out_dir: str | Path, n_studies: int = 3, *, seed: int = 0, **kwargs) -> list[StudyTruth]:
     """``n_studies`` independent patients with seeds ``seed + i`` (own PHI, own anatomy)."""
     for bad in ("phi", "folder_name"):
         if kwargs.get(bad) is not None:

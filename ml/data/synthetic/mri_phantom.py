@@ -31,8 +31,9 @@ class Lesion:
 
 
 def draw_lesion(rng: np.random.Generator) -> Lesion:
-    return Lesion(float(rng.uniform(-25, 25)), float(rng.uniform(-30, 20)), float(rng.uniform(-15, 15)),
-                  float(rng.uniform(9, 15)))
+    return Lesion(
+        float(rng.uniform(-25, 25)), float(rng.uniform(-30, 20)), float(rng.uniform(-15, 15)), float(rng.uniform(9, 15))
+    )
 
 
 def tissues(X: np.ndarray, Y: np.ndarray, Z: np.ndarray, lesion: Lesion) -> dict[str, np.ndarray]:

@@ -92,50 +92,77 @@ class _SeriesGrid:
         return X, Y, Z
 
     def truth(self) -> dict:
-        return {"origin": tuple(self.origin), "spacing": (self.pixel_spacing, self.pixel_spacing,
-                                                          self.slice_thickness),
-                "shape": (self.matrix, self.matrix, len(self.zs))}
+        return {
+            "origin": tuple(self.origin),
+            "spacing": (self.pixel_spacing, self.pixel_spacing, self.slice_thickness),
+            "shape": (self.matrix, self.matrix, len(self.zs)),
+        }
 
 
-def generate_mr_study(out_dir: str | Path, *, seed: int = 0, phi: PlantedPHI | None = None,
-                      matrix: int = 96, pixel_spacing_mm: float = 2.2, n_slices: int = 40,
-                      slice_thickness_mm: float = 3.5, flair_slice_thickness_mm: float = 5.0,
-                      flair_shift_mm: tuple[float, float, float] = (2.0, -3.0, 1.5),
-                      folder_name: str | None = None) -> MRStudyTruth:
+def generate_mr_study(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    phi: PlantedPHI | None = None,
+    matrix: int = 96,
+    pixel_spacing_mm: float = 2.2,
+    n_slices: int = 40,
+    slice_thickness_mm: float = 3.5,
+    flair_slice_thickness_mm: float = 5.0,
+    flair_shift_mm: tuple[float, float, float] = (2.0, -3.0, 1.5),
+    folder_name: str | None = None,
+) -> MRStudyTruth:
     """Write T1, T1c, T2 and FLAIR series of one synthetic glioma patient and return the truth."""
     rng = np.random.default_rng(seed)
     phi = phi or make_phi(seed + 7000)
     folder = study_dir(out_dir, phi, folder_name, suffix="_MR")
     uids = StudyUids(seed, phi)
-    header = StudyHeader(phi=phi, study_uid=uids("mr-study"), frame_of_reference_uid=uids("mr-frame"),
-                         study_date=_dt.date(2021, 3, 1) + _dt.timedelta(days=int(seed) % 300),
-                         study_time="101500", sex="F")
+    header = StudyHeader(
+        phi=phi,
+        study_uid=uids("mr-study"),
+        frame_of_reference_uid=uids("mr-frame"),
+        study_date=_dt.date(2021, 3, 1) + _dt.timedelta(days=int(seed) % 300),
+        study_time="101500",
+        sex="F",
+    )
     lesion = draw_lesion(rng)
     truth = MRStudyTruth(study_dir=folder, phi=phi, study_instance_uid=header.study_uid)
     for number, seq in enumerate(SEQUENCES, start=1):
         flair = seq == "flair"
-        grid = _series_grid(matrix, pixel_spacing_mm, n_slices, slice_thickness_mm,
-                            flair_slice_thickness_mm if flair else slice_thickness_mm,
-                            flair_shift_mm if flair else (0.0, 0.0, 0.0))
+        grid = _series_grid(
+            matrix,
+            pixel_spacing_mm,
+            n_slices,
+            slice_thickness_mm,
+            flair_slice_thickness_mm if flair else slice_thickness_mm,
+            flair_shift_mm if flair else (0.0, 0.0, 0.0),
+        )
         img = _sequence_volume(grid, lesion, seq, rng, truth)
         truth.grids[seq] = grid.truth()
-        truth.series_files[seq] = _write_series(folder, header, grid, img, seq, number,
-                                                uids("mr-series", seq))
+        truth.series_files[seq] = _write_series(folder, header, grid, img, seq, number, uids("mr-series", seq))
     return truth
 
 
-def _series_grid(matrix: int, pixel_spacing_mm: float, n_slices: int, slice_thickness_mm: float, dz: float,
-                 shift_mm: tuple[float, float, float]) -> _SeriesGrid:
+def _series_grid(
+    matrix: int,
+    pixel_spacing_mm: float,
+    n_slices: int,
+    slice_thickness_mm: float,
+    dz: float,
+    shift_mm: tuple[float, float, float],
+) -> _SeriesGrid:
     """The grid of one series: slices ``dz`` apart over the length of ``n_slices`` x ``slice_thickness_mm``."""
     nz = round(n_slices * slice_thickness_mm / dz)
-    origin = np.array([-(matrix - 1) / 2 * pixel_spacing_mm, -(matrix - 1) / 2 * pixel_spacing_mm,
-                       -(nz - 1) / 2 * dz]) + np.asarray(shift_mm)
+    origin = np.array(
+        [-(matrix - 1) / 2 * pixel_spacing_mm, -(matrix - 1) / 2 * pixel_spacing_mm, -(nz - 1) / 2 * dz]
+    ) + np.asarray(shift_mm)
     zs = origin[2] + np.arange(nz) * dz
     return _SeriesGrid(origin=origin, pixel_spacing=pixel_spacing_mm, slice_thickness=dz, matrix=matrix, zs=zs)
 
 
-def _sequence_volume(grid: _SeriesGrid, lesion: Lesion, seq: str, rng: np.random.Generator,
-                     truth: MRStudyTruth) -> np.ndarray:
+def _sequence_volume(
+    grid: _SeriesGrid, lesion: Lesion, seq: str, rng: np.random.Generator, truth: MRStudyTruth
+) -> np.ndarray:
     """The ``seq`` image (uint16) on ``grid``; the T1c grid also gives ``truth.label_map``."""
     t = tissues(*grid.coordinates(), lesion)
     img = sequence_image(t, seq, rng).astype(np.uint16)
@@ -144,8 +171,9 @@ def _sequence_volume(grid: _SeriesGrid, lesion: Lesion, seq: str, rng: np.random
     return img
 
 
-def _write_series(folder: Path, header: StudyHeader, grid: _SeriesGrid, img: np.ndarray, seq: str, number: int,
-                  series_uid: str) -> list[Path]:
+def _write_series(
+    folder: Path, header: StudyHeader, grid: _SeriesGrid, img: np.ndarray, seq: str, number: int, series_uid: str
+) -> list[Path]:
     """One file per slice, in slice order."""
     sub = mr_series_dir(folder, number, seq)
     sub.mkdir(parents=True, exist_ok=True)
@@ -158,10 +186,16 @@ def _write_series(folder: Path, header: StudyHeader, grid: _SeriesGrid, img: np.
     return files
 
 
-def _slice_dataset(header: StudyHeader, grid: _SeriesGrid, pixels: np.ndarray, seq: str, number: int, k: int,
-                   series_uid: str):
-    ds = header.dataset(sop_class=MR_IMAGE_STORAGE, sop_uid=uid_from(header.study_uid, seq, str(k)),
-                        modality="MR", series_uid=series_uid, series_number=number)
+def _slice_dataset(
+    header: StudyHeader, grid: _SeriesGrid, pixels: np.ndarray, seq: str, number: int, k: int, series_uid: str
+):
+    ds = header.dataset(
+        sop_class=MR_IMAGE_STORAGE,
+        sop_uid=uid_from(header.study_uid, seq, str(k)),
+        modality="MR",
+        series_uid=series_uid,
+        series_number=number,
+    )
     _set_sequence(ds, SEQUENCES[seq])
     ds.FrameOfReferenceUID = header.frame_of_reference_uid
     ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]

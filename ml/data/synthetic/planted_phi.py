@@ -15,20 +15,89 @@ import numpy as np
 __all__ = ["PlantedPHI", "make_phi"]
 
 _SYLLABLES = (
-    "quax", "zor", "vath", "brix", "oln", "thra", "mox", "kel", "drav", "fenn", "grox",
-    "hulv", "jor", "lumb", "nix", "pell", "quor", "rask", "sev", "tov", "vorn", "wex",
-    "yzz", "zeph", "krul", "plov", "snar", "trev", "ulm", "ezz", "ibb", "orth",
+    "quax",
+    "zor",
+    "vath",
+    "brix",
+    "oln",
+    "thra",
+    "mox",
+    "kel",
+    "drav",
+    "fenn",
+    "grox",
+    "hulv",
+    "jor",
+    "lumb",
+    "nix",
+    "pell",
+    "quor",
+    "rask",
+    "sev",
+    "tov",
+    "vorn",
+    "wex",
+    "yzz",
+    "zeph",
+    "krul",
+    "plov",
+    "snar",
+    "trev",
+    "ulm",
+    "ezz",
+    "ibb",
+    "orth",
 )
 _GIVEN_SYLLABLES = (
-    "or", "len", "na", "mir", "ael", "tha", "bry", "vi", "ssa", "que", "ron", "dal",
-    "zia", "ker", "wen", "ulo", "fey", "ix", "lio", "pha",
+    "or",
+    "len",
+    "na",
+    "mir",
+    "ael",
+    "tha",
+    "bry",
+    "vi",
+    "ssa",
+    "que",
+    "ron",
+    "dal",
+    "zia",
+    "ker",
+    "wen",
+    "ulo",
+    "fey",
+    "ix",
+    "lio",
+    "pha",
 )
 _STREET_KINDS = ("Road", "Lane", "Avenue", "Street", "Close", "Way")
 
 _GENERIC_WORDS = frozenset(
-    """cancer centre center clinic hospital institute university medical radiotherapy
-    oncology department planning imrt vmat street avenue close road lane drive place
-    court square""".split()
+    [
+        "cancer",
+        "centre",
+        "center",
+        "clinic",
+        "hospital",
+        "institute",
+        "university",
+        "medical",
+        "radiotherapy",
+        "oncology",
+        "department",
+        "planning",
+        "imrt",
+        "vmat",
+        "street",
+        "avenue",
+        "close",
+        "road",
+        "lane",
+        "drive",
+        "place",
+        "court",
+        "square",
+    ]
 )
 
 
@@ -80,15 +149,28 @@ class PlantedPHI:
 
     def _name_components(self) -> list[str]:
         """The components of 5 or more characters of the three person names."""
-        return [comp for pn in (self.patient_name, self.referring_physician, self.operator_name)
-                for comp in pn.split("^") if len(comp) >= 5]
+        return [
+            comp
+            for pn in (self.patient_name, self.referring_physician, self.operator_name)
+            for comp in pn.split("^")
+            if len(comp) >= 5
+        ]
 
     def _distinctive_words(self) -> list[str]:
         """Words of 5 or more characters of the free-text fields, minus generic vocabulary."""
-        texts = (self.institution_name, self.institution_address, self.study_description,
-                 self.series_description, self.patient_address)
-        return [word for text in texts for word in text.replace(",", " ").split()
-                if len(word) >= 5 and word.lower() not in _GENERIC_WORDS]
+        texts = (
+            self.institution_name,
+            self.institution_address,
+            self.study_description,
+            self.series_description,
+            self.patient_address,
+        )
+        return [
+            word
+            for text in texts
+            for word in text.replace(",", " ").split()
+            if len(word) >= 5 and word.lower() not in _GENERIC_WORDS
+        ]
 
 
 def _word(rng: np.random.Generator, n: int = 3, min_len: int = 8) -> str:
@@ -130,8 +212,7 @@ def make_phi(seed: int) -> PlantedPHI:
         series_description=f"CT HN 3mm {_word(rng, 2, 7)}-{_digits(rng, 5)}",
         other_patient_id=f"OPID{_digits(rng, 8)}",
         patient_address=(
-            f"{_digits(rng, 3)} {_word(rng, 2, 7)} "
-            f"{_STREET_KINDS[int(rng.integers(0, len(_STREET_KINDS)))]}, {town}"
+            f"{_digits(rng, 3)} {_word(rng, 2, 7)} {_STREET_KINDS[int(rng.integers(0, len(_STREET_KINDS)))]}, {town}"
         ),
         study_id=f"SID{_digits(rng, 7)}",
     )

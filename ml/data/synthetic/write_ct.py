@@ -17,8 +17,9 @@ __all__ = ["CT_SERIES_NUMBER", "ct_slice_dataset", "instance_number", "write_ct_
 CT_SERIES_NUMBER = 2
 
 
-def write_ct_series(study: Path, header: StudyHeader, grid: CTGrid, stored: np.ndarray, sop_uids: list[str],
-                    series_uid: str) -> list[Path]:
+def write_ct_series(
+    study: Path, header: StudyHeader, grid: CTGrid, stored: np.ndarray, sop_uids: list[str], series_uid: str
+) -> list[Path]:
     """Write ``stored[k]`` (int16, HU + 1024) of every slice; the files in slice order (increasing z)."""
     clear_dcm_files(study / "CT")
     files: list[Path] = []
@@ -35,11 +36,15 @@ def instance_number(grid: CTGrid, k: int) -> int:
     return grid.n_slices - k
 
 
-def ct_slice_dataset(header: StudyHeader, grid: CTGrid, k: int, pixels: np.ndarray, sop_uid: str,
-                     series_uid: str):
+def ct_slice_dataset(header: StudyHeader, grid: CTGrid, k: int, pixels: np.ndarray, sop_uid: str, series_uid: str):
     """The CT Image dataset of slice ``k`` (in order of increasing z)."""
-    ds = header.dataset(sop_class=CT_IMAGE_STORAGE, sop_uid=sop_uid, modality="CT", series_uid=series_uid,
-                        series_number=CT_SERIES_NUMBER)
+    ds = header.dataset(
+        sop_class=CT_IMAGE_STORAGE,
+        sop_uid=sop_uid,
+        modality="CT",
+        series_uid=series_uid,
+        series_number=CT_SERIES_NUMBER,
+    )
     _set_acquisition(ds, header, grid)
     _set_image_plane(ds, header, grid, k)
     _set_pixels(ds, grid, pixels)

@@ -23,11 +23,25 @@ __all__ = ["RTDOSE_SERIES_NUMBER", "write_rtdose"]
 RTDOSE_SERIES_NUMBER = 4
 
 
-def write_rtdose(study: Path, header: StudyHeader, grid: CTGrid, dose: PlanDose, *, sop_uid: str, series_uid: str,
-                 plan_uid: str, rtstruct_uid: str | None) -> Path:
+def write_rtdose(
+    study: Path,
+    header: StudyHeader,
+    grid: CTGrid,
+    dose: PlanDose,
+    *,
+    sop_uid: str,
+    series_uid: str,
+    plan_uid: str,
+    rtstruct_uid: str | None,
+) -> Path:
     """Write ``dose`` (frames on the CT slices) referencing the (unwritten) RT Plan and the structure set."""
-    ds = header.dataset(sop_class=RT_DOSE_STORAGE, sop_uid=sop_uid, modality="RTDOSE", series_uid=series_uid,
-                        series_number=RTDOSE_SERIES_NUMBER)
+    ds = header.dataset(
+        sop_class=RT_DOSE_STORAGE,
+        sop_uid=sop_uid,
+        modality="RTDOSE",
+        series_uid=series_uid,
+        series_number=RTDOSE_SERIES_NUMBER,
+    )
     ds.InstanceNumber = 1
     set_rt_dose_grid(
         ds,
@@ -48,4 +62,3 @@ def write_rtdose(study: Path, header: StudyHeader, grid: CTGrid, dose: PlanDose,
     path = rtdose_path(study, header.phi)
     write_dataset(ds, path)
     return path
-

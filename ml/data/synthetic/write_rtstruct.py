@@ -42,18 +42,33 @@ def contour_data(poly: np.ndarray, z: str) -> str:
     return "\\".join(f"{ds_mm(x)}\\{ds_mm(y)}\\{z}" for x, y in poly)
 
 
-def write_rtstruct(study: Path, header: StudyHeader, grid: CTGrid, polygons: dict[str, list[list[np.ndarray]]],
-                   ct_series_uid: str, ct_sop_uids: list[str], *, sop_uid: str, series_uid: str) -> Path:
+def write_rtstruct(
+    study: Path,
+    header: StudyHeader,
+    grid: CTGrid,
+    polygons: dict[str, list[list[np.ndarray]]],
+    ct_series_uid: str,
+    ct_sop_uids: list[str],
+    *,
+    sop_uid: str,
+    series_uid: str,
+) -> Path:
     """Write the structure set of ``polygons`` (ROI -> slice k -> polygons) referencing the CT series."""
-    ds = header.dataset(sop_class=RT_STRUCT_STORAGE, sop_uid=sop_uid, modality="RTSTRUCT", series_uid=series_uid,
-                        series_number=RTSTRUCT_SERIES_NUMBER)
+    ds = header.dataset(
+        sop_class=RT_STRUCT_STORAGE,
+        sop_uid=sop_uid,
+        modality="RTSTRUCT",
+        series_uid=series_uid,
+        series_number=RTSTRUCT_SERIES_NUMBER,
+    )
     ds.StructureSetLabel = "HN_PLAN"
     ds.StructureSetName = "HN_PLAN"
     ds.StructureSetDate = ds.StudyDate
     ds.StructureSetTime = header.study_time
     images = [image_reference(CT_IMAGE_STORAGE, uid) for uid in ct_sop_uids]
     ds.ReferencedFrameOfReferenceSequence = [
-        referenced_frame_of_reference(header.frame_of_reference_uid, header.study_uid, ct_series_uid, images)]
+        referenced_frame_of_reference(header.frame_of_reference_uid, header.study_uid, ct_series_uid, images)
+    ]
     _set_rois(ds, header, grid, polygons, ct_sop_uids)
     ds.ApprovalStatus = "UNAPPROVED"
     clear_dcm_files(study / "RTSTRUCT")
@@ -62,14 +77,21 @@ def write_rtstruct(study: Path, header: StudyHeader, grid: CTGrid, polygons: dic
     return path
 
 
-def _set_rois(ds, header: StudyHeader, grid: CTGrid, polygons: dict[str, list[list[np.ndarray]]],
-              ct_sop_uids: list[str]) -> None:
+def _set_rois(
+    ds, header: StudyHeader, grid: CTGrid, polygons: dict[str, list[list[np.ndarray]]], ct_sop_uids: list[str]
+) -> None:
     """StructureSetROI, ROIContour and RTROIObservations sequences, one item per ROI of ``ROI_NAMES``."""
     ssroi, roic, obs = [], [], []
     for number, name in enumerate(ROI_NAMES, start=1):
         contours = _roi_contours(polygons[name], grid, ct_sop_uids)
-        items = structure_set_roi(number, name, header.frame_of_reference_uid, contours=contours,
-                                  color=ROI_COLORS[name], interpreted_type=ROI_TYPES.get(name, "ORGAN"))
+        items = structure_set_roi(
+            number,
+            name,
+            header.frame_of_reference_uid,
+            contours=contours,
+            color=ROI_COLORS[name],
+            interpreted_type=ROI_TYPES.get(name, "ORGAN"),
+        )
         for seq, it in zip((ssroi, roic, obs), items, strict=True):
             seq.append(it)
     ds.StructureSetROISequence = ssroi
@@ -83,6 +105,7 @@ def _roi_contours(per_slice: list[list[np.ndarray]], grid: CTGrid, ct_sop_uids: 
     for k in range(grid.n_slices):
         for poly in per_slice[k]:
             image = image_reference(CT_IMAGE_STORAGE, ct_sop_uids[k])
-            contours.append(closed_planar_contour(image, len(contours) + 1, len(poly),
-                                                  contour_data(poly, grid.z_strings[k])))
+            contours.append(
+                closed_planar_contour(image, len(contours) + 1, len(poly), contour_data(poly, grid.z_strings[k]))
+            )
     return contours

@@ -23,23 +23,34 @@ def _model_dirs(models: dict[str, pd.DataFrame]) -> dict[str, str]:
     return {df.iloc[0]["variant"]: str(df.iloc[0]["model_dir"]) for df in models.values() if len(df)}
 
 
-@dg.asset(ins={"contour_dose_cache": dg.AssetIn(), "contour_dose_split": dg.AssetIn(), **MODEL_INS},
-          group_name=CONTOUR_DOSE_TRAINING, kinds={"pytorch", "numpy"}, owners=[OWNER_ML], code_version="1",
-          description="Every trained model predicts every test-split patient (dose in Gy, zero outside the "
-                      "possible-dose mask; label maps); the product model (else Multi-Automated) also predicts the "
-                      "`predict_only` cases (new patients without a dose yet). npz under "
-                      "lake/contour_dose/predictions/<run>.")
-def contour_dose_predictions(context: dg.AssetExecutionContext, storage: PsqaStorage, compute: ComputeResource,
-                             contour_dose_cache: pd.DataFrame, contour_dose_split: pd.DataFrame,
-                             **models: pd.DataFrame) -> pd.DataFrame:
+@dg.asset(
+    ins={"contour_dose_cache": dg.AssetIn(), "contour_dose_split": dg.AssetIn(), **MODEL_INS},
+    group_name=CONTOUR_DOSE_TRAINING,
+    kinds={"pytorch", "numpy"},
+    owners=[OWNER_ML],
+    code_version="1",
+    description="Every trained model predicts every test-split patient (dose in Gy, zero outside the "
+    "possible-dose mask; label maps); the product model (else Multi-Automated) also predicts the "
+    "`predict_only` cases (new patients without a dose yet). npz under "
+    "lake/contour_dose/predictions/<run>.",
+)
+def contour_dose_predictions(
+    context: dg.AssetExecutionContext,
+    storage: PsqaStorage,
+    compute: ComputeResource,
+    contour_dose_cache: pd.DataFrame,
+    contour_dose_split: pd.DataFrame,
+    **models: pd.DataFrame,
+) -> pd.DataFrame:
     from ml.contour_dose.predict import predict_cases
 
     cache = contour_dose_cache.iloc[0]
     from ml.contour_dose.cache import Cache
 
     index = Cache.open(cache["cache_dir"]).index
-    test = sorted(set(contour_dose_split.loc[contour_dose_split["split"] == "test", "patient_id"])
-                  & set(index["patient_id"]))
+    test = sorted(
+        set(contour_dose_split.loc[contour_dose_split["split"] == "test", "patient_id"]) & set(index["patient_id"])
+    )
     if not test:
         raise dg.Failure("the split has no test patients")
     out = storage.lake / "contour_dose" / "predictions" / context.run.run_id
@@ -49,28 +60,47 @@ def contour_dose_predictions(context: dg.AssetExecutionContext, storage: PsqaSto
     new = sorted(index.loc[~index["has_dose"].astype(bool), "patient_id"])
     clinic = "product" if "product" in dirs else "multi-automated"
     if new and clinic in dirs:
-        extra = predict_cases({clinic: dirs[clinic]}, cache["cache_dir"], new, out, device=compute.plan().device,
-                              log=context.log.info)
+        extra = predict_cases(
+            {clinic: dirs[clinic]}, cache["cache_dir"], new, out, device=compute.plan().device, log=context.log.info
+        )
         preds = pd.concat([preds, extra.assign(split="inference")], ignore_index=True)
-    versions = {df.iloc[0]["variant"]: (str(df.iloc[0]["registered_model"]), str(df.iloc[0]["model_version"]),
-                                        str(df.iloc[0]["mlflow_run_id"])) for df in models.values() if len(df)}
+    versions = {
+        df.iloc[0]["variant"]: (
+            str(df.iloc[0]["registered_model"]),
+            str(df.iloc[0]["model_version"]),
+            str(df.iloc[0]["mlflow_run_id"]),
+        )
+        for df in models.values()
+        if len(df)
+    }
     preds["registered_model"] = preds["variant"].map(lambda v: versions[v][0])
     preds["model_version"] = preds["variant"].map(lambda v: versions[v][1])
     preds["mlflow_run_id"] = preds["variant"].map(lambda v: versions[v][2])
     preds["cache_dir"] = str(cache["cache_dir"])
-    context.add_output_metadata({"test_patients": len(test), "inference_patients": len(new),
-                                 "models": preds["variant"].nunique(),
-                                 "predictions_dir": dg.MetadataValue.path(str(out))})
+    context.add_output_metadata(
+        {
+            "test_patients": len(test),
+            "inference_patients": len(new),
+            "models": preds["variant"].nunique(),
+            "predictions_dir": dg.MetadataValue.path(str(out)),
+        }
+    )
     return preds
 
 
-@dg.asset(group_name=CONTOUR_DOSE_TRAINING, kinds={"parquet", "mlflow"}, owners=[OWNER_ML], code_version="1",
-          description="OpenKBP dose and DVH scores per model (official definitions), the seed's DVH-MAE table "
-                      "(Baseline / Seq-Human / Seq-Automated / Multi-Automated, relative differences, one-sided "
-                      "paired t-tests with Bonferroni), Dice/HD95 per OAR (contour-only vs Multi-Automated), "
-                      "DVH curves and best/median/worst cases; logged to MLflow against each model version.")
-def contour_dose_evaluation(context: dg.AssetExecutionContext, mlflow: MlflowResource,
-                            contour_dose_predictions: pd.DataFrame) -> pd.DataFrame:
+@dg.asset(
+    group_name=CONTOUR_DOSE_TRAINING,
+    kinds={"parquet", "mlflow"},
+    owners=[OWNER_ML],
+    code_version="1",
+    description="OpenKBP dose and DVH scores per model (official definitions), the seed's DVH-MAE table "
+    "(Baseline / Seq-Human / Seq-Automated / Multi-Automated, relative differences, one-sided "
+    "paired t-tests with Bonferroni), Dice/HD95 per OAR (contour-only vs Multi-Automated), "
+    "DVH curves and best/median/worst cases; logged to MLflow against each model version.",
+)
+def contour_dose_evaluation(
+    context: dg.AssetExecutionContext, mlflow: MlflowResource, contour_dose_predictions: pd.DataFrame
+) -> pd.DataFrame:
     from ml.contour_dose.cache import Cache
     from ml.contour_dose.evaluate import case_figure_png, dvh_png, evaluate, markdown_tables, ranked_cases
 
@@ -89,16 +119,18 @@ def contour_dose_evaluation(context: dg.AssetExecutionContext, mlflow: MlflowRes
     if focus:
         ranks = ranked_cases(res["per_patient"], focus)
         for label, pid in ranks.items():
-            row = contour_dose_predictions[(contour_dose_predictions["variant"] == focus)
-                                           & (contour_dose_predictions["patient_id"] == pid)].iloc[0]
+            row = contour_dose_predictions[
+                (contour_dose_predictions["variant"] == focus) & (contour_dose_predictions["patient_id"] == pid)
+            ].iloc[0]
             with np.load(row["path"]) as z:
                 pred = {k: z[k] for k in z.files}
             pngs[f"case_{label}.png"] = case_figure_png(cache.load(pid), pred, f"{focus}: {label} case ({pid})")
         median = ranks["median"]
         doses = {}
         for v in res["dvh"]:
-            row = contour_dose_predictions[(contour_dose_predictions["variant"] == v)
-                                           & (contour_dose_predictions["patient_id"] == median)].iloc[0]
+            row = contour_dose_predictions[
+                (contour_dose_predictions["variant"] == v) & (contour_dose_predictions["patient_id"] == median)
+            ].iloc[0]
             with np.load(row["path"]) as z:
                 doses[v] = z["dose"]
         pngs["dvh_median.png"] = dvh_png(cache.load(median), doses, f"DVH, median case ({median})")
@@ -108,11 +140,21 @@ def contour_dose_evaluation(context: dg.AssetExecutionContext, mlflow: MlflowRes
     out_rows = []
     for _, s in scores.iterrows():
         p = contour_dose_predictions[contour_dose_predictions["variant"] == s["variant"]].iloc[0]
-        run_id = mlflow.start_run(context, run_name=f"evaluate-{s['variant']}", tags={
-            "contour_dose/variant": s["variant"], "contour_dose/evaluates_run": p["mlflow_run_id"],
-            "contour_dose/registered_model": p["registered_model"], "contour_dose/model_version": p["model_version"]})
-        metrics = {f"test_{k}": float(s[k]) for k in ("dose_score", "dvh_score", "mean_dice", "mean_hd95_mm")
-                   if k in s and pd.notna(s[k])}
+        run_id = mlflow.start_run(
+            context,
+            run_name=f"evaluate-{s['variant']}",
+            tags={
+                "contour_dose/variant": s["variant"],
+                "contour_dose/evaluates_run": p["mlflow_run_id"],
+                "contour_dose/registered_model": p["registered_model"],
+                "contour_dose/model_version": p["model_version"],
+            },
+        )
+        metrics = {
+            f"test_{k}": float(s[k])
+            for k in ("dose_score", "dvh_score", "mean_dice", "mean_hd95_mm")
+            if k in s and pd.notna(s[k])
+        }
         mlflow.log_metrics(run_id, metrics)
         for name, text in tables.items():
             mlflow.log_artifact_bytes(run_id, text.encode(), f"tables/{name}")
@@ -129,15 +171,24 @@ def contour_dose_evaluation(context: dg.AssetExecutionContext, mlflow: MlflowRes
     return pd.DataFrame(out_rows)
 
 
-@dg.asset(ins={"contour_dose_cases": dg.AssetIn(), "file_index": dg.AssetIn()},
-          group_name=CONTOUR_DOSE_TRAINING, kinds={"dicom", "nifti"}, owners=[OWNER_ML], code_version="1",
-          description="Files a clinic can open, for each test and new (predict-only) patient with the product model "
-                      "(else Multi-Automated): "
-                      "NIfTI dose + label map for all; for DICOM studies also an RT Dose on the CT's frame of "
-                      "reference and an RT Structure Set referencing the CT series.")
-def contour_dose_exports(context: dg.AssetExecutionContext, storage: PsqaStorage,
-                         contour_dose_predictions: pd.DataFrame, contour_dose_cases: pd.DataFrame,
-                         file_index: pd.DataFrame) -> pd.DataFrame:
+@dg.asset(
+    ins={"contour_dose_cases": dg.AssetIn(), "file_index": dg.AssetIn()},
+    group_name=CONTOUR_DOSE_TRAINING,
+    kinds={"dicom", "nifti"},
+    owners=[OWNER_ML],
+    code_version="1",
+    description="Files a clinic can open, for each test and new (predict-only) patient with the product model "
+    "(else Multi-Automated): "
+    "NIfTI dose + label map for all; for DICOM studies also an RT Dose on the CT's frame of "
+    "reference and an RT Structure Set referencing the CT series.",
+)
+def contour_dose_exports(
+    context: dg.AssetExecutionContext,
+    storage: PsqaStorage,
+    contour_dose_predictions: pd.DataFrame,
+    contour_dose_cases: pd.DataFrame,
+    file_index: pd.DataFrame,
+) -> pd.DataFrame:
     from ml.contour_dose.cache import Cache
     from ml.contour_dose.export import export_study
     from ml.data.volume import Volume, read_nifti, resample_to
@@ -166,24 +217,48 @@ def contour_dose_exports(context: dg.AssetExecutionContext, storage: PsqaStorage
         ct_files = file_index[(file_index["study_key"] == case["study_key"]) & (file_index["modality"] == "CT")]
         out = out_root / p["patient_id"]
         if case["source"] == "dicom" and len(ct_files):
-            paths = export_study(out, ct, [storage.lake / s for s in ct_files["stored_path"]], dose=dose, masks=masks,
-                                 prefix=variant, model_version=f"{p['registered_model']}:{p['model_version']}")
+            paths = export_study(
+                out,
+                ct,
+                [storage.lake / s for s in ct_files["stored_path"]],
+                dose=dose,
+                masks=masks,
+                prefix=variant,
+                model_version=f"{p['registered_model']}:{p['model_version']}",
+            )
         else:  # OpenKBP / NIfTI studies: no DICOM geometry to refer to -> NIfTI only
             from ml.contour_dose.export import export_nifti
 
-            paths = {"dose_nifti": export_nifti(resample_to(dose, ct, "linear", 0.0, np.float32),
-                                                out / f"dose_{variant}.nii.gz")}
+            paths = {
+                "dose_nifti": export_nifti(
+                    resample_to(dose, ct, "linear", 0.0, np.float32), out / f"dose_{variant}.nii.gz"
+                )
+            }
             label = np.zeros(ct.array.shape, np.uint8)
             for i, name in enumerate(pred["rois"], start=1):
                 label[masks[str(name)]] = i
             paths["labels_nifti"] = export_nifti(ct.with_array(label), out / f"labels_{variant}.nii.gz")
-            (out / f"labels_{variant}.json").write_text(json.dumps(
-                {str(i): str(n) for i, n in enumerate(pred["rois"], start=1)}, indent=2))
+            (out / f"labels_{variant}.json").write_text(
+                json.dumps({str(i): str(n) for i, n in enumerate(pred["rois"], start=1)}, indent=2)
+            )
         for kind, path in paths.items():
-            rows.append({"patient_id": p["patient_id"], "study_key": case["study_key"], "source": case["source"],
-                         "variant": variant, "kind": kind, "path": str(Path(path))})
+            rows.append(
+                {
+                    "patient_id": p["patient_id"],
+                    "study_key": case["study_key"],
+                    "source": case["source"],
+                    "variant": variant,
+                    "kind": kind,
+                    "path": str(Path(path)),
+                }
+            )
     df = pd.DataFrame(rows)
-    context.add_output_metadata({"patients": int(df["patient_id"].nunique()), "files": len(df),
-                                 "by_kind": md_table(df["kind"].value_counts().rename_axis("kind").reset_index()),
-                                 "exports_dir": dg.MetadataValue.path(str(out_root))})
+    context.add_output_metadata(
+        {
+            "patients": int(df["patient_id"].nunique()),
+            "files": len(df),
+            "by_kind": md_table(df["kind"].value_counts().rename_axis("kind").reset_index()),
+            "exports_dir": dg.MetadataValue.path(str(out_root)),
+        }
+    )
     return df

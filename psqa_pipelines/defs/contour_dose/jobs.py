@@ -10,6 +10,6 @@ train_contour_dose_job = dg.define_asset_job(
     selection=dg.AssetSelection.groups(CONTOUR_DOSE, CONTOUR_DOSE_TRAINING),
     tags=GPU_RUN_TAGS,
     description="Cases + split + compact cache -> Baseline, DL-Baseline, Seq-Human, Seq-Automated, Multi-Automated "
-                "and the product model -> test predictions -> OpenKBP scores and seed tables -> DICOM/NIfTI exports. "
-                "Hyper-parameters per model in the Launchpad (ContourDoseTrainSettings).",
+    "and the product model -> test predictions -> OpenKBP scores and seed tables -> DICOM/NIfTI exports. "
+    "Hyper-parameters per model in the Launchpad (ContourDoseTrainSettings).",
 )

@@ -19,8 +19,20 @@ from psqa_pipelines.constants import CONTOUR_DOSE_MODEL_PREFIX, CONTOUR_DOSE_TRA
 from psqa_pipelines.lib.training import DatasetToLog, ModelToLog, TrainingAssetSpec, TrainingRun, training_asset
 from psqa_pipelines.resources.compute import ComputePlan
 
-MODEL_ROW_COLUMNS = ["variant", "model_dir", "mlflow_run_id", "model_id", "registered_model", "model_version",
-                     "cache_digest", "best_epoch", "best_val_loss", "epochs_run", "train_slices_per_s", "device"]
+MODEL_ROW_COLUMNS = [
+    "variant",
+    "model_dir",
+    "mlflow_run_id",
+    "model_id",
+    "registered_model",
+    "model_version",
+    "cache_digest",
+    "best_epoch",
+    "best_val_loss",
+    "epochs_run",
+    "train_slices_per_s",
+    "device",
+]
 
 
 class ContourDoseTrainSettings(dg.Config):
@@ -62,27 +74,48 @@ def training_spec(variant: str) -> TrainingAssetSpec:
         contour_model = None
         if "contour_model" in inputs:
             contour_model = str(inputs["contour_model"].iloc[0]["model_dir"])
-        return TrainConfig(variant=variant, epochs=config.epochs, steps_per_epoch=config.steps_per_epoch,
-                           batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
-                           widths=tuple(config.widths), patience=config.patience, augment=config.augment,
-                           seed=config.seed, val_patients=config.val_patients, max_minutes=config.max_minutes,
-                           device=plan.device, amp="bf16" if plan.amp_dtype != "off" else "off",
-                           contour_model=contour_model)
+        return TrainConfig(
+            variant=variant,
+            epochs=config.epochs,
+            steps_per_epoch=config.steps_per_epoch,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            widths=tuple(config.widths),
+            patience=config.patience,
+            augment=config.augment,
+            seed=config.seed,
+            val_patients=config.val_patients,
+            max_minutes=config.max_minutes,
+            device=plan.device,
+            amp="bf16" if plan.amp_dtype != "off" else "off",
+            contour_model=contour_model,
+        )
 
     def params(run: TrainingRun) -> dict:
         mcfg = run.model_config
-        return {**{f"train.{k}": v for k, v in run.train_config.to_dict().items() if k != "extra"},
-                **{f"model.{k}": v for k, v in mcfg["model"].items() if k != "extra"},
-                "cache_digest": _cache(run.inputs)["digest"], "rois": ",".join(mcfg["rois"]),
-                "n_parameters": mcfg["n_parameters"], "pretrained": "none (from scratch)"}
+        return {
+            **{f"train.{k}": v for k, v in run.train_config.to_dict().items() if k != "extra"},
+            **{f"model.{k}": v for k, v in mcfg["model"].items() if k != "extra"},
+            "cache_digest": _cache(run.inputs)["digest"],
+            "rois": ",".join(mcfg["rois"]),
+            "n_parameters": mcfg["n_parameters"],
+            "pretrained": "none (from scratch)",
+        }
 
     def datasets(run: TrainingRun) -> list[DatasetToLog]:
         cache = _cache(run.inputs)
         index_path = Path(cache["cache_dir"]) / "index.parquet"
         index = pd.read_parquet(index_path)
-        return [DatasetToLog(index[index["patient_id"].isin(run.model_config["split"][split_name])], index_path,
-                             f"contour-dose-cache-{cache['digest']}-{split_name}", ctx)
-                for split_name, ctx in (("train", "training"), ("val", "validation"))]
+        return [
+            DatasetToLog(
+                index[index["patient_id"].isin(run.model_config["split"][split_name])],
+                index_path,
+                f"contour-dose-cache-{cache['digest']}-{split_name}",
+                ctx,
+            )
+            for split_name, ctx in (("train", "training"), ("val", "validation"))
+        ]
 
     def model(run: TrainingRun) -> ModelToLog:
         from ml.contour_dose.predict import load_model
@@ -94,22 +127,35 @@ def training_spec(variant: str) -> TrainingAssetSpec:
         if "contour" in mcfg["tasks"]:
             outputs["contour"] = ("float32", (-1, len(mcfg["rois"]) + 1, -1, -1))
         return ModelToLog(
-            load_model(run.model_dir).model, class_path="ml.contour_dose.models:from_config", kwargs=mcfg["model"],
-            input_specs={"x": ("float32", (-1, mcfg["model"]["in_channels"], -1, -1))}, output_specs=outputs,
-            metadata={"variant": variant, "cache_digest": str(_cache(run.inputs)["digest"]), "rois": mcfg["rois"],
-                      "inputs": mcfg["inputs"], "ct_norm": mcfg["ct_norm"], "dose_norm_gy": mcfg["dose_norm_gy"]})
+            load_model(run.model_dir).model,
+            class_path="ml.contour_dose.models:from_config",
+            kwargs=mcfg["model"],
+            input_specs={"x": ("float32", (-1, mcfg["model"]["in_channels"], -1, -1))},
+            output_specs=outputs,
+            metadata={
+                "variant": variant,
+                "cache_digest": str(_cache(run.inputs)["digest"]),
+                "rois": mcfg["rois"],
+                "inputs": mcfg["inputs"],
+                "ct_norm": mcfg["ct_norm"],
+                "dose_norm_gy": mcfg["dose_norm_gy"],
+            },
+        )
 
     def row(run: TrainingRun) -> dict:
-        return {"cache_digest": str(_cache(run.inputs)["digest"]), "best_val_loss": float(run.metrics["best_val_loss"]),
-                "train_slices_per_s": float(run.metrics["train_slices_per_s"])}
+        return {
+            "cache_digest": str(_cache(run.inputs)["digest"]),
+            "best_val_loss": float(run.metrics["best_val_loss"]),
+            "train_slices_per_s": float(run.metrics["train_slices_per_s"]),
+        }
 
     return TrainingAssetSpec(
         name=f"contour_dose_model_{variant.replace('-', '_')}",
         variant=variant,
         group_name=CONTOUR_DOSE_TRAINING,
         description=f"Trains {MODEL_NAMES[variant]} (`{variant}`: {VARIANTS[variant]['arch']}, inputs "
-                    f"{', '.join(VARIANTS[variant]['inputs'])} -> {', '.join(VARIANTS[variant]['tasks'])}) on the "
-                    f"contour + dose cache; MLflow run, registered as `{registered_name(variant)}`.",
+        f"{', '.join(VARIANTS[variant]['inputs'])} -> {', '.join(VARIANTS[variant]['tasks'])}) on the "
+        f"contour + dose cache; MLflow run, registered as `{registered_name(variant)}`.",
         config_class=ContourDoseTrainSettings,
         ins=ins,
         output_columns=MODEL_ROW_COLUMNS,
@@ -118,8 +164,10 @@ def training_spec(variant: str) -> TrainingAssetSpec:
         data_dir=lambda inputs: _cache(inputs)["cache_dir"],
         model_subdir=f"contour_dose/{variant}",
         monitor=lambda metrics: "best_val_loss",
-        run_tags=lambda inputs: {"contour_dose/variant": variant,
-                                 "contour_dose/cache_digest": str(_cache(inputs)["digest"])},
+        run_tags=lambda inputs: {
+            "contour_dose/variant": variant,
+            "contour_dose/cache_digest": str(_cache(inputs)["digest"]),
+        },
         params=params,
         datasets=datasets,
         model=model,

@@ -4,7 +4,6 @@ The heavy lifting (parsing, validation, de-identification, quarantine) is ``ml.d
 these assets pick the study, call it and publish tables, counts and checks.
 """
 
-
 import dagster as dg
 import pandas as pd
 
@@ -41,8 +40,9 @@ raw_inbox = dg.AssetSpec(
     ),
     code_version="1",
 )
-def inbox_triage(context: dg.AssetExecutionContext, storage: PsqaStorage,
-                 deid: DeidentificationResource) -> pd.DataFrame:
+def inbox_triage(
+    context: dg.AssetExecutionContext, storage: PsqaStorage, deid: DeidentificationResource
+) -> pd.DataFrame:
     storage.ensure_dirs()
     p = deid.pseudonymizer()
     scan = scan_sources(storage.sources(), p, settle_seconds=storage.inbox_settle_seconds)
@@ -51,25 +51,36 @@ def inbox_triage(context: dg.AssetExecutionContext, storage: PsqaStorage,
     for name, source_scan in scan.scans.items():
         for ref in source_scan.unattributed:
             reason = ref.detail if ref.detail in REASONS else "unattributable"
-            records.append(quarantine.put(
-                source_scan.root / ref.relpath, reason=reason, detail="belongs to no study",
-                source="unknown", move=scan.writable[name], relpath=ref.relpath,
-            ))
+            records.append(
+                quarantine.put(
+                    source_scan.root / ref.relpath,
+                    reason=reason,
+                    detail="belongs to no study",
+                    source="unknown",
+                    move=scan.writable[name],
+                    relpath=ref.relpath,
+                )
+            )
     write_log(storage.quarantine_log, "triage", context.run.run_id, records)
     df = records_frame(records)
-    context.add_output_metadata({
-        "files_seen": len(records),
-        "files_quarantined": len(records),
-        "files_ingested": 0,
-        "reasons": counts_table(df["reason"], "reason"),
-    })
+    context.add_output_metadata(
+        {
+            "files_seen": len(records),
+            "files_quarantined": len(records),
+            "files_ingested": 0,
+            "reasons": counts_table(df["reason"], "reason"),
+        }
+    )
     return df
 
 
 @dg.multi_asset(
     outs={
         "study_files": dg.AssetOut(
-            group_name=INGEST, kinds={"dicom", "parquet"}, owners=[OWNER_DATA], code_version="1",
+            group_name=INGEST,
+            kinds={"dicom", "parquet"},
+            owners=[OWNER_DATA],
+            code_version="1",
             description=(
                 "One row per ingested file of the study: pseudonymous ids, modality, SOP class, "
                 "remapped UIDs, geometry, the stored de-identified copy and both sha256 (stored "
@@ -77,7 +88,10 @@ def inbox_triage(context: dg.AssetExecutionContext, storage: PsqaStorage,
             ),
         ),
         "study_series": dg.AssetOut(
-            group_name=INGEST, kinds={"dicom", "parquet"}, owners=[OWNER_DATA], code_version="1",
+            group_name=INGEST,
+            kinds={"dicom", "parquet"},
+            owners=[OWNER_DATA],
+            code_version="1",
             description=(
                 "One row per image series or RT object of the study: grid, orientation, frame of "
                 "reference, references between objects (RTSTRUCT/RTDOSE -> CT), ROI names, dose "
@@ -88,10 +102,18 @@ def inbox_triage(context: dg.AssetExecutionContext, storage: PsqaStorage,
     partitions_def=studies_partitions,
     deps=[raw_inbox],
     check_specs=[
-        dg.AssetCheckSpec("files_accounted_for", asset="study_files", blocking=True,
-                          description="files seen = files ingested + files quarantined"),
-        dg.AssetCheckSpec("deidentified", asset="study_files", blocking=True,
-                          description="stored copies and table rows satisfy the no-PHI rule"),
+        dg.AssetCheckSpec(
+            "files_accounted_for",
+            asset="study_files",
+            blocking=True,
+            description="files seen = files ingested + files quarantined",
+        ),
+        dg.AssetCheckSpec(
+            "deidentified",
+            asset="study_files",
+            blocking=True,
+            description="stored copies and table rows satisfy the no-PHI rule",
+        ),
     ],
 )
 def study_files(context: dg.AssetExecutionContext, storage: PsqaStorage, deid: DeidentificationResource):
@@ -107,17 +129,26 @@ def study_files(context: dg.AssetExecutionContext, storage: PsqaStorage, deid: D
     if found is None:
         raise dg.Failure(
             description=f"Study {key} is not present in any landing folder any more; the "
-                        "previously ingested copy (if any) is kept unchanged.",
+            "previously ingested copy (if any) is kept unchanged.",
         )
     source_name, group = found
     result = ingest_study(
-        group, storage.lake, Quarantine(storage.quarantine), p,
+        group,
+        storage.lake,
+        Quarantine(storage.quarantine),
+        p,
         move_bad=scan.writable[source_name],
         require_dose=storage.openkbp_require_dose,
     )
     write_log(storage.quarantine_log, key, context.run.run_id, result.quarantined)
-    write_receipt(storage.state, key, result.fingerprint_after, files_seen=result.files_seen,
-                  files_ingested=result.files_ingested, files_quarantined=len(result.quarantined))
+    write_receipt(
+        storage.state,
+        key,
+        result.fingerprint_after,
+        files_seen=result.files_seen,
+        files_ingested=result.files_ingested,
+        files_quarantined=len(result.quarantined),
+    )
 
     qdf = records_frame(result.quarantined)
     common = {
@@ -128,32 +159,57 @@ def study_files(context: dg.AssetExecutionContext, storage: PsqaStorage, deid: D
         "files_quarantined": len(result.quarantined),
     }
     yield dg.Output(
-        result.files, output_name="study_files",
+        result.files,
+        output_name="study_files",
         metadata={
             **common,
             "modalities": counts_table(result.files["modality"], "modality"),
-            "quarantine": md_table(qdf[["reason", "detail", "sha256"]]) if len(qdf) else dg.MetadataValue.md("_(none)_"),
+            "quarantine": md_table(qdf[["reason", "detail", "sha256"]])
+            if len(qdf)
+            else dg.MetadataValue.md("_(none)_"),
             **({f"deid/{k}": v for k, v in result.stats.items()}),
         },
     )
     yield dg.Output(
-        result.series, output_name="study_series",
+        result.series,
+        output_name="study_series",
         metadata={
-            "series": md_table(result.series[["modality", "sequence", "object_key", "n_slices", "spacing_x",
-                                              "spacing_y", "spacing_z", "roi_names", "dose_max"]]),
+            "series": md_table(
+                result.series[
+                    [
+                        "modality",
+                        "sequence",
+                        "object_key",
+                        "n_slices",
+                        "spacing_x",
+                        "spacing_y",
+                        "spacing_z",
+                        "roi_names",
+                        "dose_max",
+                    ]
+                ]
+            ),
             "n_objects": len(result.series),
         },
     )
     balanced = result.files_seen == result.files_ingested + len(result.quarantined)
     yield dg.AssetCheckResult(
-        check_name="files_accounted_for", asset_key="study_files", passed=balanced, metadata=common,
+        check_name="files_accounted_for",
+        asset_key="study_files",
+        passed=balanced,
+        metadata=common,
     )
     problems = table_phi_violations(result.files) + table_phi_violations(result.series)
     stored = result.files.loc[result.files["source"] == "dicom", "stored_path"].unique().tolist()
     for rel in stored:
         problems += [f"{rel}: {msg}" for msg in dicom_phi_violations(storage.lake / rel)]
     yield dg.AssetCheckResult(
-        check_name="deidentified", asset_key="study_files", passed=not problems,
-        metadata={"stored_dicom_files_checked": len(stored), "violations": len(problems),
-                  "first_violations": dg.MetadataValue.md("\n".join(f"- {x}" for x in problems[:10]) or "_(none)_")},
+        check_name="deidentified",
+        asset_key="study_files",
+        passed=not problems,
+        metadata={
+            "stored_dicom_files_checked": len(stored),
+            "violations": len(problems),
+            "first_violations": dg.MetadataValue.md("\n".join(f"- {x}" for x in problems[:10]) or "_(none)_"),
+        },
     )

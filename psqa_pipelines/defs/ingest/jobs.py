@@ -4,11 +4,12 @@ from psqa_pipelines.lib.partitions import studies_partitions
 
 ingest_study_job = dg.define_asset_job(
     name="ingest_study_job",
-    selection=dg.AssetSelection.assets("study_files", "study_series", "study_volumes", "plan_complexity",
-                                       "beam_complexity", "qa_planes", "qa_labels"),
+    selection=dg.AssetSelection.assets(
+        "study_files", "study_series", "study_volumes", "plan_complexity", "beam_complexity", "qa_planes", "qa_labels"
+    ),
     partitions_def=studies_partitions,
     description="De-identify, index and preprocess one study (one partition); RT Plans with QA dose planes "
-                "also get their complexity features, QA planes and gamma labels.",
+    "also get their complexity features, QA planes and gamma labels.",
 )
 
 inbox_triage_job = dg.define_asset_job(

@@ -9,11 +9,10 @@ studies and, for every study whose file fingerprint (paths, sizes, mtimes) is ne
 
 Unattributable files get one ``inbox_triage_job`` run per distinct set; QA-system result exports
 (CSV, ``ml.data.inbox.is_qa_results_csv``) one ``qa_results_job`` run per distinct set. The cursor
-is JSON ``{"studies": {key: fingerprint}, "triage": fingerprint, "qa_results": fingerprint}``; an ingestion that quarantined files
-(and so changed the study's fingerprint itself) leaves a receipt that the sensor honours, so
-our own moves do not trigger a second run. Only counts are logged.
+is JSON ``{"studies": {key: fingerprint}, "triage": fingerprint, "qa_results": fingerprint}``; an
+ingestion that quarantined files (and so changed the study's fingerprint itself) leaves a receipt
+that the sensor honours, so our own moves do not trigger a second run. Only counts are logged.
 """
-
 
 import json
 
@@ -30,8 +29,11 @@ def _load_cursor(raw: str | None) -> dict:
         data = json.loads(raw) if raw else {}
     except ValueError:
         data = {}
-    return {"studies": dict(data.get("studies", {})), "triage": str(data.get("triage", "")),
-            "qa_results": str(data.get("qa_results", ""))}
+    return {
+        "studies": dict(data.get("studies", {})),
+        "triage": str(data.get("triage", "")),
+        "qa_results": str(data.get("qa_results", "")),
+    }
 
 
 @dg.sensor(
@@ -58,20 +60,27 @@ def inbox_sensor(context: dg.SensorEvaluationContext, storage: PsqaStorage, deid
             continue  # only our own quarantine moves changed it
         if key not in existing:
             new_keys.append(key)
-        requests.append(dg.RunRequest(
-            job_name=jobs.ingest_study_job.name, partition_key=key, run_key=f"{key}:{fp}",
-            tags={"psqa/source": group.source},
-        ))
+        requests.append(
+            dg.RunRequest(
+                job_name=jobs.ingest_study_job.name,
+                partition_key=key,
+                run_key=f"{key}:{fp}",
+                tags={"psqa/source": group.source},
+            )
+        )
     # one run per distinct set of loose files: unattributable files -> triage, QA exports -> qa_results
-    for cursor_key, job, attr in (("triage", jobs.inbox_triage_job, "unattributed"),
-                                  ("qa_results", jobs.qa_results_job, "qa_tables")):
+    for cursor_key, job, attr in (
+        ("triage", jobs.inbox_triage_job, "unattributed"),
+        ("qa_results", jobs.qa_results_job, "qa_tables"),
+    ):
         files = [ref for s in scan.scans.values() for ref in getattr(s, attr)]
         if files and (fp := fingerprint(files)) != cursor[cursor_key]:
             requests.append(dg.RunRequest(job_name=job.name, run_key=f"{cursor_key}:{fp}"))
             cursor[cursor_key] = fp
     summary = scan.summary()
-    context.log.info(f"scan: {json.dumps(summary, sort_keys=True)}; new partitions: {len(new_keys)}; "
-                     f"runs requested: {len(requests)}")
+    context.log.info(
+        f"scan: {json.dumps(summary, sort_keys=True)}; new partitions: {len(new_keys)}; runs requested: {len(requests)}"
+    )
     return dg.SensorResult(
         run_requests=requests,
         dynamic_partitions_requests=[studies_partitions.build_add_request(new_keys)] if new_keys else [],

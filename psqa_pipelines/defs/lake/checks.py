@@ -1,6 +1,5 @@
 """Checks on the lake-wide tables: schema, the no-PHI rule, NaNs in key columns, geometry."""
 
-
 import dagster as dg
 import numpy as np
 import pandas as pd
@@ -22,6 +21,7 @@ KEY_COLUMNS = {
 def _checks_for(table: str, columns: dict[str, str] | None) -> list:
     checks = []
     if columns is not None:
+
         @dg.asset_check(asset=table, name="schema", description=f"{table} has exactly the declared columns and types")
         def schema(value: pd.DataFrame) -> dg.AssetCheckResult:
             problems = schema_violations(value, columns)
@@ -29,8 +29,12 @@ def _checks_for(table: str, columns: dict[str, str] | None) -> list:
 
         checks.append(schema)
 
-    @dg.asset_check(asset=table, name="no_phi", blocking=True,
-                    description="identifier columns hold pseudonyms/remapped UIDs; no name- or date-like text")
+    @dg.asset_check(
+        asset=table,
+        name="no_phi",
+        blocking=True,
+        description="identifier columns hold pseudonyms/remapped UIDs; no name- or date-like text",
+    )
     def no_phi(value: pd.DataFrame) -> dg.AssetCheckResult:
         problems = table_phi_violations(value)
         return dg.AssetCheckResult(passed=not problems, metadata={"problems": dg.MetadataValue.json(problems)})
@@ -53,8 +57,11 @@ def _checks_for(table: str, columns: dict[str, str] | None) -> list:
     return checks
 
 
-@dg.asset_check(asset="volume_manifest", name="grids_consistent",
-                description="within each study, every volume shares the grid of the volume it references")
+@dg.asset_check(
+    asset="volume_manifest",
+    name="grids_consistent",
+    description="within each study, every volume shares the grid of the volume it references",
+)
 def grids_consistent(volume_manifest: pd.DataFrame) -> dg.AssetCheckResult:
     bad = []
     for key, grp in volume_manifest.groupby("study_key"):

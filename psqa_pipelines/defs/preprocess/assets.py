@@ -1,6 +1,5 @@
 """Preprocessing: one study's de-identified copies -> volumes on canonical grids + manifest."""
 
-
 import dagster as dg
 import numpy as np
 import pandas as pd
@@ -27,9 +26,12 @@ VALUE_RANGES = {
 
 class PreprocessSettings(dg.Config):
     ct_spacing_mm: list[float] | None = Field(
-        default=None, description="resample CT (and everything on its grid) to this (x, y, z) spacing; null keeps the native grid"
+        default=None,
+        description="resample CT (and everything on its grid) to this (x, y, z) spacing; null keeps the native grid",
     )
-    mr_rigid_registration: bool = Field(default=True, description="rigid MI registration of MRI sequences on different grids")
+    mr_rigid_registration: bool = Field(
+        default=True, description="rigid MI registration of MRI sequences on different grids"
+    )
 
 
 @dg.asset(
@@ -45,19 +47,35 @@ class PreprocessSettings(dg.Config):
         "CT grid, MRI sequences co-registered and z-scored, OpenKBP arrays."
     ),
     check_specs=[
-        dg.AssetCheckSpec("geometry_consistent", asset="study_volumes",
-                          description="every mask/dose/seg shares its reference volume's grid"),
-        dg.AssetCheckSpec("values_in_range", asset="study_volumes",
-                          description="no NaN; HU, Gy, mask and z-score values within sane ranges"),
-        dg.AssetCheckSpec("files_match_manifest", asset="study_volumes",
-                          description="each file exists and its sha256 equals the manifest's"),
+        dg.AssetCheckSpec(
+            "geometry_consistent",
+            asset="study_volumes",
+            description="every mask/dose/seg shares its reference volume's grid",
+        ),
+        dg.AssetCheckSpec(
+            "values_in_range",
+            asset="study_volumes",
+            description="no NaN; HU, Gy, mask and z-score values within sane ranges",
+        ),
+        dg.AssetCheckSpec(
+            "files_match_manifest",
+            asset="study_volumes",
+            description="each file exists and its sha256 equals the manifest's",
+        ),
     ],
 )
-def study_volumes(context: dg.AssetExecutionContext, config: PreprocessSettings, storage: PsqaStorage,
-                  study_files: pd.DataFrame, study_series: pd.DataFrame):
+def study_volumes(
+    context: dg.AssetExecutionContext,
+    config: PreprocessSettings,
+    storage: PsqaStorage,
+    study_files: pd.DataFrame,
+    study_series: pd.DataFrame,
+):
     key = context.partition_key
     if study_files.empty:
-        yield dg.Output(empty_manifest(), metadata={"volumes": 0, "note": "study has no ingested files (all quarantined)"})
+        yield dg.Output(
+            empty_manifest(), metadata={"volumes": 0, "note": "study has no ingested files (all quarantined)"}
+        )
         for name in ("geometry_consistent", "values_in_range", "files_match_manifest"):
             yield dg.AssetCheckResult(check_name=name, passed=True, metadata={"volumes": 0})
         return
@@ -73,14 +91,30 @@ def study_volumes(context: dg.AssetExecutionContext, config: PreprocessSettings,
         "source": source,
         "volumes": len(m),
         "kinds": counts_table(m["kind"], "kind"),
-        "manifest": md_table(m[["volume_key", "kind", "dtype", "shape_z", "shape_y", "shape_x",
-                                "spacing_x", "spacing_y", "spacing_z", "vmin", "vmax"]]),
+        "manifest": md_table(
+            m[
+                [
+                    "volume_key",
+                    "kind",
+                    "dtype",
+                    "shape_z",
+                    "shape_y",
+                    "shape_x",
+                    "spacing_x",
+                    "spacing_y",
+                    "spacing_z",
+                    "vmin",
+                    "vmax",
+                ]
+            ]
+        ),
         "preview": md_png(png, f"study {key}"),
     }
     reg = result.preview.get("registration")
     if reg:
-        metadata["registration"] = dg.MetadataValue.json({k: {kk: vv for kk, vv in v.items() if kk != "parameters"}
-                                                          for k, v in reg.items()})
+        metadata["registration"] = dg.MetadataValue.json(
+            {k: {kk: vv for kk, vv in v.items() if kk != "parameters"} for k, v in reg.items()}
+        )
     yield dg.Output(m, metadata=metadata)
 
     # -- checks ------------------------------------------------------------------------
@@ -90,8 +124,9 @@ def study_volumes(context: dg.AssetExecutionContext, config: PreprocessSettings,
         ref = row["reference_key"]
         if ref in refs and refs[ref] != row["grid_id"]:
             bad_geo.append(row["volume_key"])
-    yield dg.AssetCheckResult(check_name="geometry_consistent", passed=not bad_geo,
-                              metadata={"mismatched": dg.MetadataValue.json(bad_geo)})
+    yield dg.AssetCheckResult(
+        check_name="geometry_consistent", passed=not bad_geo, metadata={"mismatched": dg.MetadataValue.json(bad_geo)}
+    )
     bad_val = []
     for _, row in m.iterrows():
         lo, hi = VALUE_RANGES.get(row["kind"], (-np.inf, np.inf))
@@ -101,9 +136,14 @@ def study_volumes(context: dg.AssetExecutionContext, config: PreprocessSettings,
             # a calibrated CT that shows any air has voxels near -1000 HU; no air at all
             # usually means the rescale intercept was not applied
             bad_val.append(f"{row['volume_key']}: no air-like voxels (min {row['vmin']:.4g} HU): rescale not applied?")
-    yield dg.AssetCheckResult(check_name="values_in_range", passed=not bad_val,
-                              metadata={"violations": dg.MetadataValue.json(bad_val)})
-    bad_files = [row["volume_key"] for _, row in m.iterrows()
-                 if not (storage.lake / row["path"]).exists() or sha256_file(storage.lake / row["path"]) != row["sha256"]]
-    yield dg.AssetCheckResult(check_name="files_match_manifest", passed=not bad_files,
-                              metadata={"bad": dg.MetadataValue.json(bad_files)})
+    yield dg.AssetCheckResult(
+        check_name="values_in_range", passed=not bad_val, metadata={"violations": dg.MetadataValue.json(bad_val)}
+    )
+    bad_files = [
+        row["volume_key"]
+        for _, row in m.iterrows()
+        if not (storage.lake / row["path"]).exists() or sha256_file(storage.lake / row["path"]) != row["sha256"]
+    ]
+    yield dg.AssetCheckResult(
+        check_name="files_match_manifest", passed=not bad_files, metadata={"bad": dg.MetadataValue.json(bad_files)}
+    )

@@ -28,9 +28,10 @@ train_psqa_job = dg.define_asset_job(
 
 retrain_bmmqa_job = dg.define_asset_job(
     name="retrain_bmmqa",
-    selection=dg.AssetSelection.assets("psqa_split", "psqa_pack", "psqa_model_bmmqa", "psqa_shapley_report",
-                                       "psqa_challenger_eval", "psqa_champion"),
+    selection=dg.AssetSelection.assets(
+        "psqa_split", "psqa_pack", "psqa_model_bmmqa", "psqa_shapley_report", "psqa_challenger_eval", "psqa_champion"
+    ),
     tags=GPU_RUN_TAGS,
     description="The scheduled retraining: split + pack -> BMMQA (challenger) -> Shapley report -> promotion if it "
-                "beats the champion on the fixed test split (baselines are retrained by `train_psqa`).",
+    "beats the champion on the fixed test split (baselines are retrained by `train_psqa`).",
 )

@@ -22,8 +22,10 @@ def _metadata_int(instance: dg.DagsterInstance, asset: str, key: str) -> int | N
 
 def new_plans_since_training(instance: dg.DagsterInstance) -> tuple[int, int]:
     """(labelled plans now, plans in the pack the current BMMQA model was trained on)."""
-    return (_metadata_int(instance, "psqa_labels", "plans") or 0,
-            _metadata_int(instance, "psqa_model_bmmqa", "n_plans") or 0)
+    return (
+        _metadata_int(instance, "psqa_labels", "plans") or 0,
+        _metadata_int(instance, "psqa_model_bmmqa", "n_plans") or 0,
+    )
 
 
 @dg.schedule(
@@ -37,6 +39,7 @@ def psqa_retrain_schedule(context: dg.ScheduleEvaluationContext):
     now, trained = new_plans_since_training(context.instance)
     need = retrain_min_new_plans()
     if now - trained < need:
-        return dg.SkipReason(f"{now - trained} new labelled plans since the last training ({now} now, {trained} "
-                             f"trained on); need {need}")
+        return dg.SkipReason(
+            f"{now - trained} new labelled plans since the last training ({now} now, {trained} trained on); need {need}"
+        )
     return dg.RunRequest(run_key=f"retrain:{now}", tags={"psqa/new_plans": str(now - trained)})

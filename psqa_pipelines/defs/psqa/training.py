@@ -27,8 +27,21 @@ from psqa_pipelines.lib.training import (
 from psqa_pipelines.resources.compute import ComputePlan
 
 REGISTERED = {"bmmqa": PSQA_MODEL_NAME}
-MODEL_ROW_COLUMNS = ["variant", "model_dir", "mlflow_run_id", "model_id", "registered_model", "model_version",
-                     "pack_digest", "best_epoch", "best_val", "epochs_run", "train_samples_per_s", "device", "n_plans"]
+MODEL_ROW_COLUMNS = [
+    "variant",
+    "model_dir",
+    "mlflow_run_id",
+    "model_id",
+    "registered_model",
+    "model_version",
+    "pack_digest",
+    "best_epoch",
+    "best_val",
+    "epochs_run",
+    "train_samples_per_s",
+    "device",
+    "n_plans",
+]
 
 
 class PsqaTrainSettings(dg.Config):
@@ -55,32 +68,53 @@ def training_spec(variant: str) -> TrainingAssetSpec:
     def train_config(config: PsqaTrainSettings, plan: ComputePlan, inputs):
         from ml.psqa.train import TrainConfig
 
-        return TrainConfig(variant=variant, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-                           patience=config.patience, warmup_epochs=config.warmup_epochs, seed=config.seed,
-                           device=plan.device, amp=plan.amp_dtype if plan.amp_dtype != "off" else "off",
-                           max_minutes=config.max_minutes,
-                           model={"enc_widths": config.enc_widths, "dec_widths": config.dec_widths})
+        return TrainConfig(
+            variant=variant,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            patience=config.patience,
+            warmup_epochs=config.warmup_epochs,
+            seed=config.seed,
+            device=plan.device,
+            amp=plan.amp_dtype if plan.amp_dtype != "off" else "off",
+            max_minutes=config.max_minutes,
+            model={"enc_widths": config.enc_widths, "dec_widths": config.dec_widths},
+        )
 
     def params(run: TrainingRun) -> dict:
-        return {**{f"train.{k}": v for k, v in run.train_config.to_dict().items() if k != "model"},
-                **{f"model.{k}": v for k, v in run.model_config["model"].items()},
-                "pack_digest": _pack(run.inputs)["digest"], "n_train": run.metrics["n_train"],
-                "n_val": run.metrics["n_val"]}
+        return {
+            **{f"train.{k}": v for k, v in run.train_config.to_dict().items() if k != "model"},
+            **{f"model.{k}": v for k, v in run.model_config["model"].items()},
+            "pack_digest": _pack(run.inputs)["digest"],
+            "n_train": run.metrics["n_train"],
+            "n_val": run.metrics["n_val"],
+        }
 
     def datasets(run: TrainingRun) -> list[DatasetToLog]:
         pack = _pack(run.inputs)
         path = Path(pack["pack_dir"]) / "dataset.parquet"
         table = pd.read_parquet(path)
-        return [DatasetToLog(table[table["split"] == "train"], path, f"psqa-pack-{pack['digest']}", "training",
-                             targets="gpr_2_2"),
-                DatasetToLog(table[table["split"] == "val"], path, f"psqa-pack-{pack['digest']}-val", "validation",
-                             targets="gpr_2_2")]
+        return [
+            DatasetToLog(
+                table[table["split"] == "train"], path, f"psqa-pack-{pack['digest']}", "training", targets="gpr_2_2"
+            ),
+            DatasetToLog(
+                table[table["split"] == "val"], path, f"psqa-pack-{pack['digest']}-val", "validation", targets="gpr_2_2"
+            ),
+        ]
 
     def plots(run: TrainingRun) -> list[Plot]:
         from ml.psqa.plots import contribution_curves_png
 
-        return [Plot("plots/contribution_curves.png", "contribution_curves", "modality contributions",
-                     contribution_curves_png(run.history, title=variant))]
+        return [
+            Plot(
+                "plots/contribution_curves.png",
+                "contribution_curves",
+                "modality contributions",
+                contribution_curves_png(run.history, title=variant),
+            )
+        ]
 
     def model(run: TrainingRun) -> ModelToLog:
         from ml.psqa.predict import load_model
@@ -90,27 +124,38 @@ def training_spec(variant: str) -> TrainingAssetSpec:
         side = int(np.load(Path(pack["pack_dir"]) / "images.npy", mmap_mode="r").shape[-1])
         c = net.cfg.in_channels
         return ModelToLog(
-            net, class_path="ml.psqa.bmmqa:BMMQA", kwargs=net.cfg.to_dict(),
+            net,
+            class_path="ml.psqa.bmmqa:BMMQA",
+            kwargs=net.cfg.to_dict(),
             input_specs={"image": ("float32", (-1, c, side, side)), "table": ("float32", (-1, scaler.n_features))},
-            output_specs={k: v for k, v in {
-                "gpr": ("float32", (-1, net.cfg.n_criteria)), "dd": ("float32", (-1, 1, side, side))}.items()
-                if k in net.cfg.tasks},
+            output_specs={
+                k: v
+                for k, v in {
+                    "gpr": ("float32", (-1, net.cfg.n_criteria)),
+                    "dd": ("float32", (-1, 1, side, side)),
+                }.items()
+                if k in net.cfg.tasks
+            },
             metadata={"variant": variant, "pack_digest": str(pack["digest"])},
         )
 
     def row(run: TrainingRun) -> dict:
         pack = _pack(run.inputs)
-        return {"pack_digest": str(pack["digest"]), "best_val": float(run.metrics[run.monitor]),
-                "train_samples_per_s": float(run.metrics["train_samples_per_s"]), "n_plans": int(pack["plans"])}
+        return {
+            "pack_digest": str(pack["digest"]),
+            "best_val": float(run.metrics[run.monitor]),
+            "train_samples_per_s": float(run.metrics["train_samples_per_s"]),
+            "n_plans": int(pack["plans"]),
+        }
 
     return TrainingAssetSpec(
         name=f"psqa_model_{variant}",
         variant=variant,
         group_name=PSQA_TRAINING,
         description=f"Trains the `{variant}` variant ({'BMMQA' if variant == 'bmmqa' else 'baseline'}) on the "
-                    "current training pack with ml.psqa.train; logs params, per-epoch metrics, the Parquet dataset "
-                    "and the model (state_dict + pyfunc) to MLflow"
-                    + (", registered as `psqa-bmmqa`." if variant in REGISTERED else "."),
+        "current training pack with ml.psqa.train; logs params, per-epoch metrics, the Parquet dataset "
+        "and the model (state_dict + pyfunc) to MLflow"
+        + (", registered as `psqa-bmmqa`." if variant in REGISTERED else "."),
         config_class=PsqaTrainSettings,
         ins={"psqa_pack": dg.AssetIn()},
         output_columns=MODEL_ROW_COLUMNS,
