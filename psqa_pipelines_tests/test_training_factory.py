@@ -196,7 +196,7 @@ def test_a_spec_is_enough_for_a_new_family(tiny_data_asset, storage, mlflow_stor
     assert md["mlflow_run_id"].value == r["mlflow_run_id"] and md["model_version"].value == "1"
     assert r["mlflow_run_id"] in md["mlflow_run"].value and "history" in md and md["samples_per_s"].value == 1.0
     logs = [e.message for e in instance.all_logs(result.run_id) if e.message]
-    assert any("epoch 2: 2 metrics logged to MLflow run" in m for m in logs)
+    assert any(f"3 epochs of metrics in MLflow run {r['mlflow_run_id']} (3 as they ended)" in m for m in logs)
 
 
 def test_unregistered_model_and_resumed_history(tiny_data_asset, storage, mlflow_store, instance):

@@ -179,19 +179,18 @@ def epoch_metrics(row: Mapping[str, Any], step_column: str = "epoch") -> dict[st
 
 class EpochMetricsToMlflow:
     """Training callback (``on_epoch_end``): logs each finished epoch's history row to the MLflow
-    run (``step`` = epoch) and writes a short line to the Dagster log."""
+    run (``step`` = epoch) as the epoch ends. The engine's own epoch line already reaches the
+    Dagster log, so no second event per epoch (one summary line at the end instead)."""
 
-    def __init__(self, mlflow: MlflowResource, run_id: str, log: Callable[[str], None]) -> None:
+    def __init__(self, mlflow: MlflowResource, run_id: str) -> None:
         self.mlflow = mlflow
         self.run_id = run_id
-        self.log = log
         self.logged_epochs: set[int] = set()
 
     def on_epoch_end(self, epoch: int, row: dict) -> None:
         metrics = epoch_metrics(row)
         self.mlflow.log_metrics(self.run_id, metrics, step=int(epoch))
         self.logged_epochs.add(int(epoch))
-        self.log(f"epoch {epoch}: {len(metrics)} metrics logged to MLflow run {self.run_id}")
 
 
 def _log_unlogged_epochs(mlflow: MlflowResource, run_id: str, history: pd.DataFrame, logged: set[int]) -> None:
@@ -247,10 +246,13 @@ def _run_training(
     cfg = spec.train_config(config, plan, inputs)
     run_id = mlflow.start_run(context, run_name=spec.run_name, tags=spec.run_tags(inputs))
     try:
-        epochs = EpochMetricsToMlflow(mlflow, run_id, context.log.info)
+        epochs = EpochMetricsToMlflow(mlflow, run_id)
         metrics = spec.train(spec.data_dir(inputs), model_dir, cfg, log=context.log.info, callbacks=[epochs])
         history = pd.read_csv(model_dir / "history.csv")
         _log_unlogged_epochs(mlflow, run_id, history, epochs.logged_epochs)
+        context.log.info(
+            f"{len(history)} epochs of metrics in MLflow run {run_id} ({len(epochs.logged_epochs)} as they ended)"
+        )
         run = TrainingRun(
             variant=spec.variant,
             inputs=inputs,
