@@ -31,6 +31,7 @@ class TinySettings(dg.Config):
     epochs: int = 3
     fail_after: int = -1  # raise after this epoch (-1: never)
     pretend_resumed: int = 0  # epochs already in history.csv from an earlier process (not reported live)
+    budget_spent: bool = False  # stop like the engine does when the budget ends inside the first epoch
 
 
 def tiny_train(data_dir, out_dir, cfg: dict, log=print, callbacks=None) -> dict:
@@ -38,6 +39,9 @@ def tiny_train(data_dir, out_dir, cfg: dict, log=print, callbacks=None) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = pd.read_parquet(Path(data_dir) / "table.parquet")
+    if cfg.get("budget_spent"):
+        pd.DataFrame(columns=["epoch"]).to_csv(out / "history.csv", index=False)
+        return {"best_val_loss": None, "best_epoch": -1, "epochs_run": 0, "stopped_by": "max_minutes"}
     torch.manual_seed(0)
     model = TwoInputNet(n_tab=3)
     x_tab = torch.tensor(table[["a", "b", "c"]].to_numpy(), dtype=torch.float32)
@@ -105,6 +109,7 @@ def tiny_spec(registered: str | None) -> TrainingAssetSpec:
             "epochs": config.epochs,
             "fail_after": config.fail_after,
             "pretend_resumed": config.pretend_resumed,
+            "budget_spent": config.budget_spent,
             "device": plan.device,
         },
         data_dir=lambda inputs: data(inputs)["data_dir"],
@@ -223,3 +228,17 @@ def test_a_failing_training_ends_its_run_as_failed(tiny_data_asset, storage, mlf
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.dagster_run_id = '{result.run_id}'")
     assert [x.info.status for x in runs] == ["FAILED"]
     assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "val_loss")) == [0, 1]
+
+
+def test_a_training_stopped_before_its_first_epoch_fails_clearly(tiny_data_asset, storage, mlflow_store, instance):
+    result = _materialize(
+        tiny_spec("tiny-budget-model"), tiny_data_asset, storage, mlflow_store, instance, budget_spent=True
+    )
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "before its first epoch was validated" in str(failure.event_specific_data.error.message)
+    exp = mlflow_store.client().get_experiment_by_name(mlflow_store.experiment)
+    runs = mlflow_store.client().search_runs(
+        [exp.experiment_id], filter_string=f"tags.dagster_run_id = '{result.run_id}'"
+    )
+    assert [x.info.status for x in runs] == ["FAILED"]

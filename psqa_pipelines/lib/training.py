@@ -248,6 +248,11 @@ def _run_training(
     try:
         epochs = EpochMetricsToMlflow(mlflow, run_id)
         metrics = spec.train(spec.data_dir(inputs), model_dir, cfg, log=context.log.info, callbacks=[epochs])
+        if not (model_dir / "model_best.pt").exists():
+            raise dg.Failure(
+                f"{spec.name}: training stopped ({metrics.get('stopped_by')}) before its first epoch was validated, "
+                f"so there is no model to log; the checkpoint is in {model_dir}. Raise max_minutes."
+            )
         history = pd.read_csv(model_dir / "history.csv")
         _log_unlogged_epochs(mlflow, run_id, history, epochs.logged_epochs)
         context.log.info(
