@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,9 +124,10 @@ def optimizer_step(
     return total.detach()
 
 
-class TrainTask:
+class TrainTask(ABC):
     """What a model family supplies to :class:`Trainer`. Subclasses set ``model``, ``optimizer``,
-    ``scheduler`` (or None), ``loss_names`` and ``tag`` (log prefix), and implement the hooks."""
+    ``scheduler`` (or None), ``loss_names`` and ``tag`` (log prefix), implement the abstract hooks
+    and override the optional ones (no-ops here)."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -134,46 +136,53 @@ class TrainTask:
     tag: str = ""
     samples_name: str = "samples"  # what one batch item is called in progress lines ("slices", "plans")
 
+    @abstractmethod
     def steps_per_epoch(self) -> int:
-        raise NotImplementedError
+        """Optimiser steps in one epoch."""
 
     def begin_epoch(self, epoch: int) -> None:
-        """Fix the epoch's data order (from the seed and ``epoch`` only: a resumed epoch replays it)."""
+        """Fix the epoch's data order (from the seed and ``epoch`` only: a resumed epoch replays it).
+        Optional: without it the task draws its batches from ``batch`` alone."""
+        return None
 
+    @abstractmethod
     def batch(self, step: int) -> Any | None:
         """The batch of ``step`` (None: skip the step)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def batch_size(self, batch: Any) -> int:
-        raise NotImplementedError
+        """Samples in ``batch`` (for the throughput figures)."""
 
+    @abstractmethod
     def forward(self, batch: Any) -> Any:
         """The model's outputs for ``batch`` (runs under autocast)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def losses(self, out: Any, batch: Any) -> dict[str, torch.Tensor]:
         """Unweighted task losses (fp32, outside autocast)."""
-        raise NotImplementedError
 
     def loss_weights(self) -> dict[str, float]:
         return dict.fromkeys(self.loss_names, 1.0)
 
     def after_step(self, step: int, batch: Any, out: Any) -> None:
-        """After the optimiser step (e.g. Shapley contributions for the balancer)."""
+        """After the optimiser step (e.g. Shapley contributions for the balancer). Optional."""
+        return None
 
     def end_epoch(self, epoch: int, mean_losses: dict[str, float]) -> dict[str, float]:
         """Epoch bookkeeping after the training steps; returns extra history columns."""
         return {}
 
+    @abstractmethod
     def validate(self, epoch: int) -> dict[str, float]:
-        raise NotImplementedError
+        """Validation metrics after ``epoch`` (``val_*``; the monitored metric among them)."""
 
     def state_dict(self) -> dict:
         """The task's own state (generator, accumulators...) for checkpoints."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        """Restore what ``state_dict`` returned. Optional (a task without own state)."""
+        return None
 
 
 class Callback:
