@@ -18,3 +18,5 @@ CHAMPION_ALIAS = "champion"
 CONTOUR_DOSE = "contour_dose"
 CONTOUR_DOSE_TRAINING = "contour_dose_training"
 CONTOUR_DOSE_MODEL_PREFIX = "contour-dose-"  # registered MLflow models: contour-dose-<variant>
+
+GLIOMA = "glioma"

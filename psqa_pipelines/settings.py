@@ -16,7 +16,8 @@ One root, ``PSQA_HOME``, with a fixed layout below it::
 
 Defaults: ``PSQA_HOME`` or ``<checkout>/.psqa``; every sub-path can be overridden through
 the ``PsqaStorage`` resource config or its environment variables (``PSQA_LAKE_DIR``,
-``PSQA_INBOX_DIR``, ``PSQA_QUARANTINE_DIR``, ``PSQA_OPENKBP_DIR``).
+``PSQA_INBOX_DIR``, ``PSQA_QUARANTINE_DIR``, ``PSQA_OPENKBP_DIR``); the glioma sources are
+``PSQA_LGG_DIR`` and ``PSQA_BRAIN_MRI_DIR`` (read-only shared datasets).
 
 Values are read when a function is called, not at import: a test or a launcher that changes
 the environment is seen by the next call.
@@ -66,6 +67,18 @@ PSQA_OPENKBP_DIR = EnvSetting(
     "OpenKBP patient folders (read-only source); empty = off",
     empty_is_unset=False,
 )
+PSQA_LGG_DIR = EnvSetting(
+    "PSQA_LGG_DIR",
+    "../shared/datasets/lgg-mri beside the checkout, if present",
+    "lgg-mri glioma patients (patients/*.npz + labels.csv; read-only source); empty = off",
+    empty_is_unset=False,
+)
+PSQA_BRAIN_MRI_DIR = EnvSetting(
+    "PSQA_BRAIN_MRI_DIR",
+    "../shared/datasets/brain-mri-samples beside the checkout, if present",
+    "3D brain MRI cases (BraTS/TCGA NIfTI folders; read-only source of the glioma lake); empty = off",
+    empty_is_unset=False,
+)
 PSQA_DEID_SECRET = EnvSetting("PSQA_DEID_SECRET", "", "HMAC key of the pseudonyms; unset = the documented dev secret")
 MLFLOW_TRACKING_URI = EnvSetting(
     "MLFLOW_TRACKING_URI", "sqlite:///$PSQA_HOME/mlflow/mlflow.db", "MLflow tracking (and registry) store"
@@ -87,6 +100,8 @@ ENV_SETTINGS: tuple[EnvSetting, ...] = (
     PSQA_INBOX_DIR,
     PSQA_QUARANTINE_DIR,
     PSQA_OPENKBP_DIR,
+    PSQA_LGG_DIR,
+    PSQA_BRAIN_MRI_DIR,
     PSQA_DEID_SECRET,
     MLFLOW_TRACKING_URI,
     DAGSTER_HOME,
@@ -113,6 +128,26 @@ def default_openkbp_dir() -> str:
         return env
     candidate = REPO_DIR.parent / "shared" / "datasets" / "openkbp" / "train-pats"
     return str(candidate) if candidate.is_dir() else ""
+
+
+def _shared_dataset_dir(setting: EnvSetting, name: str) -> str:
+    env = setting.raw()
+    if env is not None:
+        return env
+    candidate = REPO_DIR.parent / "shared" / "datasets" / name
+    return str(candidate) if candidate.is_dir() else ""
+
+
+def default_lgg_dir() -> str:
+    """``PSQA_LGG_DIR``, else ``../shared/datasets/lgg-mri`` beside the checkout when it exists,
+    else empty (the source is then off)."""
+    return _shared_dataset_dir(PSQA_LGG_DIR, "lgg-mri")
+
+
+def default_brain_mri_dir() -> str:
+    """``PSQA_BRAIN_MRI_DIR``, else ``../shared/datasets/brain-mri-samples`` beside the checkout
+    when it exists, else empty (the source is then off)."""
+    return _shared_dataset_dir(PSQA_BRAIN_MRI_DIR, "brain-mri-samples")
 
 
 def storage_dir_override(kind: str) -> Path | None:

@@ -3,7 +3,7 @@
 COLUMN_DOCS = {
     "study_key": "pseudonymous study id (keyed hash; dcm-/nii-/kbp- prefix = source) = partition key",
     "patient_id": "pseudonymous patient id (keyed hash of the institutional id)",
-    "source": "dicom | nifti | openkbp",
+    "source": "dicom | nifti | openkbp (glioma tables: lgg-mri | brain-mri-samples)",
     "modality": "CT, MR, RTSTRUCT, RTDOSE, RTPLAN (OpenKBP: CT, RTDOSE, RTSTRUCT per ROI file, MASK, META)",
     "sop_class_uid": "DICOM SOP class (standard UID, not identifying)",
     "sop_instance_uid": "remapped SOP instance UID (2.25.<keyed hash>)",
@@ -35,4 +35,18 @@ COLUMN_DOCS = {
     "quarantine_ref": "folder under $PSQA_HOME/quarantine holding the file and record.json",
     "quarantined_at": "UTC time the file was quarantined",
     "action": "moved (inbox) or copied (read-only source)",
+    # glioma lake (ml.glioma.lake)
+    "subject_id": "pseudonym of the person (the same TCGA patient in two sources shares it); else = patient_id",
+    "layout": "slices (2D stack without geometry, lgg-mri) | volume (3D, co-registered)",
+    "shape": "NIfTI shape i x j x k (columns x rows x slices)",
+    "spacing_known": "False: the source records no geometry (written at a nominal 1 mm)",
+    "histology": "astrocytoma | oligoastrocytoma | oligodendroglioma (pre-2016 WHO); null = unknown",
+    "grade": "WHO grade G2 | G3; null = unknown",
+    "idh": "IDH status WT | Mutant; null = unknown",
+    "codel": "1p/19q co-deletion non-codel | codel; null = unknown",
+    "n_slices": "number of slices (of the image series; glioma tables: axial slices of the case)",
+    "n_tumour_slices": "slices with tumour in the mask; null = no mask",
+    "missing_sequences": "model sequences (flair, t1c, t1, t2) absent for the case, ';'-separated",
+    "fold": "cross-validation fold 0..k-1; -1 = unlabelled pool",
+    "stratum": "IDH/1p19q combination the folds are stratified on (unknown = its own stratum)",
 }
