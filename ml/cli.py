@@ -10,6 +10,11 @@ python -m ml contour-dose predict --data DIR --model MODEL_DIR --out PRED_DIR [-
                                                               one pt_N.csv per patient (submission format)
 python -m ml contour-dose evaluate --data CACHE --model MODEL_DIR [MODEL_DIR ...] [--split test] [--tta]
                                    [--tables DIR]             OpenKBP dose/DVH scores, Dice per ROI, seed tables
+python -m ml glioma train --data DIR --out MODEL_DIR [--max-minutes N] [--device cuda] [--epochs N]
+                                                              GMMAS on patients/<id>.npz (+ labels.csv)
+python -m ml glioma predict --data DIR --model MODEL_DIR --out PRED_DIR   predictions.csv + masks/<id>.npz
+python -m ml glioma predict --nifti CASE_DIR --model MODEL_DIR --out LABEL.nii.gz    3D BraTS-layout case
+python -m ml glioma cv --data DIR --out CV_DIR [--variant gmmas ...] [--folds 5]      out-of-fold predictions
 """
 
 from __future__ import annotations
@@ -245,6 +250,80 @@ def _contour_dose(args: argparse.Namespace) -> int:
     return 0 if (summary["status"] == "ok").any() else 1
 
 
+def _glioma_config(args: argparse.Namespace):
+    from ml.glioma.train import TrainConfig
+
+    return TrainConfig(
+        epochs=args.epochs,
+        seed=args.seed,
+        device=args.device,
+        max_minutes=args.max_minutes,
+        checkpoint_minutes=args.checkpoint_minutes,
+        log_every=args.log_every,
+        amp=args.amp,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        widths=tuple(int(w) for w in args.widths.split(",")),
+        weighting=args.weighting,
+        cutmix=not args.no_cutmix,
+        pseudo_labels=not args.no_pseudo_labels,
+        distill=not args.no_distill,
+        withhold_labels=args.withhold_labels,
+    )
+
+
+def _glioma(args: argparse.Namespace) -> int:
+    if args.gl_cmd == "train":
+        from ml.glioma.train import train
+
+        metrics = train(args.data, args.out, _glioma_config(args))
+        print(json.dumps(metrics, indent=2))
+        return 0
+    if args.gl_cmd == "predict":
+        from ml.glioma import predict as P
+
+        if args.nifti is not None:
+            print(json.dumps(P.predict_nifti(args.nifti, args.model, args.out, device=args.device), indent=2))
+            return 0
+        if args.data is None:
+            raise SystemExit("predict needs --data DIR (shared layout) or --nifti CASE_DIR")
+        df = P.predict_dir(args.data, args.model, args.out, device=args.device, mc=args.mc)
+        print(df.to_string(index=False, max_rows=20))
+        return 0
+    if args.gl_cmd == "cv":
+        import pandas as pd
+
+        from ml.glioma.cv import run_cv
+        from ml.glioma.data import load_dataset
+        from ml.glioma.split import cv_folds
+
+        ds = load_dataset(args.data)
+        folds = pd.read_csv(args.folds_file) if args.folds_file else cv_folds(ds.labels, n_folds=args.folds, seed=0)
+        for v in args.variant:
+            oof = run_cv(ds, args.out, folds, _glioma_config(args), variant=v)
+            if not oof.empty:
+                print(f"{v}: {len(oof)} out-of-fold patients, mean Dice {oof['dice'].mean():.3f}")
+        return 0
+    raise SystemExit(f"unknown glioma command {args.gl_cmd}")
+
+
+def _glioma_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--widths", default="16,32,64,128")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weighting", default="kendall", choices=["kendall", "equal"])
+    p.add_argument("--no-cutmix", action="store_true")
+    p.add_argument("--no-pseudo-labels", action="store_true")
+    p.add_argument("--no-distill", action="store_true")
+    p.add_argument("--withhold-labels", type=float, default=0.0, help="hide the labels of this fraction (UPS study)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-minutes", type=float, default=None, help="time budget, checked after every step")
+    p.add_argument("--amp", default="off", choices=["auto", "bf16", "off"], help="off: fp32 (faster on this CPU)")
+    _engine_options(p)
+
+
 def _engine_options(p: argparse.ArgumentParser) -> None:
     """The shared training engine's checkpoint and progress options."""
     p.add_argument(
@@ -370,6 +449,30 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto")
     ev.add_argument("--tta", action="store_true")
     ev.set_defaults(func=_contour_dose)
+
+    gl = sub.add_parser("glioma", help="GMMAS glioma MRI model: train / predict / cross-validate")
+    gl_sub = gl.add_subparsers(dest="gl_cmd", required=True)
+    gtr = gl_sub.add_parser("train", help="train (or resume) GMMAS on a shared-layout data dir")
+    gtr.add_argument("--data", required=True, type=Path, help="DIR with patients/<id>.npz and optional labels.csv")
+    gtr.add_argument("--out", required=True, type=Path, help="model directory (resumes from its checkpoint)")
+    _glioma_train_options(gtr)
+    gtr.set_defaults(func=_glioma)
+    gpr = gl_sub.add_parser("predict", help="predictions.csv + masks/<id>.npz (labels not needed)")
+    gpr.add_argument("--data", type=Path, default=None, help="DIR with patients/<id>.npz")
+    gpr.add_argument("--nifti", type=Path, default=None, help="a 3D case folder (one NIfTI per sequence)")
+    gpr.add_argument("--model", required=True, type=Path)
+    gpr.add_argument("--out", required=True, type=Path, help="PRED_DIR (or the label NIfTI path with --nifti)")
+    gpr.add_argument("--mc", type=int, default=10, help="MC-dropout passes for the uncertainty (0: none)")
+    gpr.add_argument("--device", default="auto")
+    gpr.set_defaults(func=_glioma)
+    gcv = gl_sub.add_parser("cv", help="stratified patient-level cross-validation (out-of-fold predictions)")
+    gcv.add_argument("--data", required=True, type=Path)
+    gcv.add_argument("--out", required=True, type=Path)
+    gcv.add_argument("--variant", nargs="+", default=["gmmas"], help="gmmas, equal_weights, no_cutmix, stl_idh, ...")
+    gcv.add_argument("--folds", type=int, default=5)
+    gcv.add_argument("--folds-file", type=Path, default=None, help="csv patient_id, fold (default: stratified, seed 0)")
+    _glioma_train_options(gcv)
+    gcv.set_defaults(func=_glioma)
     return parser
 
 

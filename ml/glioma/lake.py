@@ -53,7 +53,7 @@ import numpy as np
 import pandas as pd
 
 from ml.data.quarantine import Quarantine, QuarantineRecord
-from ml.glioma.data import _LGG_MISSING, LABEL_COLUMNS, LGG_CHANNELS, SEQUENCES, TASKS, read_labels
+from ml.glioma.data import LABEL_COLUMNS, LGG_CHANNELS, LGG_MISSING, SEQUENCES, TASKS, read_labels
 from ml.utils.io import atomic_write_json, atomic_write_text, save_npz_deterministic, sha256_bytes, sha256_file
 
 __all__ = [
@@ -296,7 +296,7 @@ def import_lgg(
         case = _Case(lake, pid, LGG_SOURCE)
         row = by_id.get(f.stem)
         listed = str((row or {}).get("missing_sequences") or "")
-        listed_missing = {_LGG_MISSING.get(m.strip(), m.strip()) for m in listed.split(";") if m.strip()}
+        listed_missing = {LGG_MISSING.get(m.strip(), m.strip()) for m in listed.split(";") if m.strip()}
         key = _key({"source": LGG_SOURCE, "sha256": sha256_file(f), "missing": sorted(listed_missing)})
         receipt = case.cached(key)
         if receipt is None:
