@@ -67,6 +67,7 @@ class PatientOutput:
     probs: dict[str, np.ndarray]  # task -> (K,) calibrated probabilities (mean over MC passes if any)
     uncertainty: dict[str, float]  # task -> std of the predicted class's probability over MC passes
     slices_used: int
+    raw: dict[str, np.ndarray] | None = None  # task -> softmax(logits) (T = 1, no MC): before calibration
 
 
 def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
@@ -136,6 +137,7 @@ def predict_patients(
         lg = {t: torch.cat(v) for t, v in logits.items()}
         agg, sel = aggregate(prob, area, lg)
         probs = {t: torch.softmax(agg[t] / temp.get(t, 1.0), 0) for t in TASKS}
+        raw = {t: torch.softmax(agg[t], 0).numpy() for t in TASKS}
         unc = dict.fromkeys(TASKS, float("nan"))
         if mc > 0:
             torch.manual_seed(seed * 7919 + pi)
@@ -163,30 +165,41 @@ def predict_patients(
                 probs={t: v.numpy() for t, v in probs.items()},
                 uncertainty=unc,
                 slices_used=len(sel),
+                raw=raw,
             )
         )
     return outs
 
 
-def predictions_frame(outs: list[PatientOutput], fold: int = -1) -> pd.DataFrame:
-    """The predictions frame (``ml/glioma/INTERFACES.md``; ``predictions.csv``)."""
+def _prob_columns(probs: dict[str, np.ndarray], prefix: str = "") -> dict[str, float]:
     hist = TASKS["histology"]
+    return {
+        f"{prefix}p_idh_mutant": float(probs["idh"][1]),
+        f"{prefix}p_codel": float(probs["codel"][1]),
+        f"{prefix}p_grade_g3": float(probs["grade"][1]),
+        **{
+            f"{prefix}p_{h}": float(probs["histology"][hist.index(h)])
+            for h in ("oligodendroglioma", "astrocytoma", "oligoastrocytoma")
+        },
+    }
+
+
+def predictions_frame(outs: list[PatientOutput], fold: int = -1) -> pd.DataFrame:
+    """The predictions frame (``ml/glioma/INTERFACES.md``; ``predictions.csv``): calibrated
+    probabilities ``p_*`` (MC mean when MC passes ran), uncertainties ``u_*``, the predicted
+    tumour size and, as ``raw_p_*``, the probabilities before temperature scaling and MC."""
     rows = []
     for o in outs:
         rows.append(
             {
                 "patient_id": o.patient_id,
                 "fold": fold,
-                "p_idh_mutant": float(o.probs["idh"][1]),
-                "p_codel": float(o.probs["codel"][1]),
-                "p_grade_g3": float(o.probs["grade"][1]),
-                "p_oligodendroglioma": float(o.probs["histology"][hist.index("oligodendroglioma")]),
-                "p_astrocytoma": float(o.probs["histology"][hist.index("astrocytoma")]),
-                "p_oligoastrocytoma": float(o.probs["histology"][hist.index("oligoastrocytoma")]),
+                **_prob_columns(o.probs),
                 **{f"u_{t}": o.uncertainty[t] for t in ("idh", "codel", "grade", "histology")},
                 "tumour_voxels": int(o.mask.sum()),
                 "n_slices": int(o.mask.shape[0]),
                 "slices_used": o.slices_used,
+                **(_prob_columns(o.raw, "raw_") if o.raw is not None else {}),
             }
         )
     cols = ["patient_id", "fold", *PRED_COLUMNS]
