@@ -42,7 +42,7 @@ from torch.nn import functional as F
 
 from ml.glioma.data import SEQUENCES, TASKS
 
-__all__ = ["GMMAS", "ModelConfig", "enable_mc_dropout", "n_parameters"]
+__all__ = ["GMMAS", "ModelConfig", "enable_mc_dropout", "from_config", "n_parameters"]
 
 
 @dataclass
@@ -256,3 +256,8 @@ def enable_mc_dropout(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.Dropout | nn.Dropout2d):
             m.train()
+
+
+def from_config(**kwargs) -> GMMAS:
+    """Rebuild GMMAS from ``ModelConfig.to_dict()`` (the MLflow pyfunc wrapper's entry point)."""
+    return GMMAS(ModelConfig.from_dict(kwargs))
