@@ -9,6 +9,11 @@ qualifies, the 3 slices with the largest summed tumour probability, equally weig
 probability is ``softmax(logits / T_task)`` with the task's temperature from
 ``calibration.json`` (1 when absent).
 
+Post-processing ([C] the authors' optional step, simplified): the 3D connected components of the
+predicted mask (26-connectivity over the slice stack) smaller than ``keep_fraction`` (10 %) of the
+largest are removed (``postprocess=True``, the default); the patient-level rule uses the cleaned
+mask.
+
 Uncertainty: ``mc`` (default 10) MC-dropout passes over the selected slices; ``u_<task>`` is the
 standard deviation across passes of the probability of the predicted class (UPS's ``u``, spec
 §1.6).
@@ -36,6 +41,7 @@ __all__ = [
     "LoadedModel",
     "PatientOutput",
     "aggregate",
+    "clean_mask",
     "fit_temperature",
     "load_model",
     "predict_dir",
@@ -95,6 +101,20 @@ def _forward(model, data: SliceData, idx: torch.Tensor, context: int, device, am
     return {k: v.float().cpu() for k, v in out.items() if k != "feat"}
 
 
+def clean_mask(mask: np.ndarray, keep_fraction: float = 0.1) -> np.ndarray:
+    """Drop 3D connected components smaller than ``keep_fraction`` of the largest."""
+    from scipy import ndimage
+
+    if not mask.any():
+        return mask
+    lab, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if n <= 1:
+        return mask
+    sizes = np.bincount(lab.ravel())[1:]
+    keep = np.nonzero(sizes >= keep_fraction * sizes.max())[0] + 1
+    return np.isin(lab, keep).astype(mask.dtype)
+
+
 def aggregate(tumour_prob: torch.Tensor, pred_area: torch.Tensor, logits: dict[str, torch.Tensor]):
     """Patient logits from slice logits (see the module docstring) -> (logits per task, slice indices used)."""
     sel = torch.nonzero(pred_area >= MIN_AREA).flatten()
@@ -117,6 +137,7 @@ def predict_patients(
     batch: int = 32,
     seed: int = 0,
     temperature: dict[str, float] | None = None,
+    postprocess: bool = True,
 ) -> list[PatientOutput]:
     """Every patient of ``data``: mask, aggregated logits, calibrated probabilities, MC-dropout
     uncertainty. ``drop`` (4,) 0/1 removes sequences (missing-modality evaluation)."""
@@ -133,6 +154,8 @@ def predict_patients(
                 logits[t].append(o[t])
         prob = torch.cat(seg)
         mask = (prob > 0.5).to(torch.uint8)
+        if postprocess:
+            mask = torch.from_numpy(clean_mask(mask.numpy()))
         area = mask.flatten(1).sum(1)
         lg = {t: torch.cat(v) for t, v in logits.items()}
         agg, sel = aggregate(prob, area, lg)

@@ -348,3 +348,15 @@ def test_nifti_predict_writes_label_on_input_grid(tiny_model, tmp_path):
     assert lab.shape == ref.shape
     assert np.allclose(np.abs(np.diag(lab.affine))[:3], np.abs(np.diag(ref.affine))[:3], atol=1e-3)
     assert set(np.unique(np.asarray(lab.dataobj))) <= {0, 1}
+
+
+def test_clean_mask_drops_small_components():
+    from ml.glioma.predict import clean_mask
+
+    m = np.zeros((5, 20, 20), np.uint8)
+    m[1:4, 5:12, 5:12] = 1  # 147 voxels
+    m[0, 0:2, 0:2] = 1  # 4 voxels: < 10 % -> removed
+    m[4, 15:19, 15:19] = 1  # 16 voxels: >= 10 % -> kept
+    out = clean_mask(m)
+    assert int(out.sum()) == 147 + 16 and out[0, 0, 0] == 0
+    assert clean_mask(np.zeros((2, 4, 4), np.uint8)).sum() == 0
