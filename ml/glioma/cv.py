@@ -19,7 +19,10 @@ Variants (``VARIANTS``; overrides of ``TrainConfig``):
 * ``stl_<task>`` -- single-task networks on the same backbone: one classification task plus the
   segmentation head ([I]: the patient-level rule needs predicted tumour slices, so a
   classification network without segmentation would need another aggregation; segmentation is
-  kept as the localiser), and ``stl_seg`` (segmentation only).
+  kept as the localiser), and ``stl_seg`` (segmentation only);
+* ``semi_ups`` / ``semi_no_ups`` / ``ups_strict`` -- the semi-supervised study: the labels of half
+  the training patients are hidden (lgg-mri has almost no unlabelled patients of its own); UPS at
+  0.9 / 0.05, none, or the authors' tightened 0.99 / 0.01.
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ VARIANTS: dict[str, dict] = {
     "no_distill": {"distill": False},
     **{f"stl_{t}": {"tasks": (t,), "pseudo_labels": True} for t in TASKS},
     "stl_seg": {"tasks": (), "pseudo_labels": False, "cutmix": False},
+    # the semi-supervised study: half the training patients' labels hidden, with and without UPS
+    "semi_ups": {"withhold_labels": 0.5},
+    "semi_no_ups": {"withhold_labels": 0.5, "pseudo_labels": False},
+    "ups_strict": {"withhold_labels": 0.5, "tau_c": 0.99, "tau_u": 0.01},
 }
 
 
