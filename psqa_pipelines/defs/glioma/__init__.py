@@ -1,10 +1,15 @@
-"""Glioma domain (seed 003, GMMAS): lgg-mri + brain-mri-samples -> glioma lake (volumes, labels) -> CV folds.
+"""Glioma domain (seed 003, GMMAS): lgg-mri + brain-mri-samples -> glioma lake (volumes, labels) -> CV folds
+-> training directory -> GMMAS (final model + cross-validation) -> evaluation, ablation, missing-modality
+study, reports -> champion/challenger.
 
-Data assets live in ``assets.py`` (``glioma_cases`` + ``glioma_labels`` from one import step,
-``glioma_folds``) and their checks in ``checks.py``.
+* ``assets.py``: ``glioma_cases`` + ``glioma_labels`` (one import step), ``glioma_folds``;
+* ``training.py``: ``glioma_training_data`` (the shared training layout), ``glioma_model`` (a
+  ``TrainingAssetSpec`` through ``lib/training.py``; registered ``glioma-gmmas``) and
+  ``glioma_cv_predictions`` (``ml.glioma.cv.run_cv``, one MLflow child run per fold);
+* ``evaluation.py``: ``glioma_evaluation`` (vs majority and radiomics baselines), ``glioma_ablation``,
+  ``glioma_missing_modality``, ``glioma_reports``, ``glioma_challenger_eval`` -> ``glioma_champion``;
+* ``checks.py``: label table, folds, and the blocking ``glioma_challenger_beats_champion``;
+* ``jobs.py`` / ``schedules.py``: ``glioma_job`` (the whole group) and the weekly ``glioma_schedule``.
 
-TODO(issue 12, main session): the training assets (``training.py``: one ``TrainingAssetSpec`` per
-GMMAS variant through ``lib/training.py``, reading ``ml.glioma.lake.export_training_dir``'s layout
-and the ``glioma_folds`` table) and the prediction / evaluation / report assets (``evaluation.py``)
-go beside these modules; ``dg.load_defs`` picks them up without registration.
+``dg.load_defs`` picks the modules up without registration.
 """

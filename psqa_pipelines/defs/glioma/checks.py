@@ -1,4 +1,5 @@
-"""Glioma asset checks: the label table and the cross-validation folds every model relies on."""
+"""Glioma asset checks: the label table and the cross-validation folds every model relies on, and the
+blocking champion/challenger gate in front of ``glioma_champion``."""
 
 import dagster as dg
 import pandas as pd
@@ -54,5 +55,25 @@ def glioma_folds_are_sound(glioma_folds: pd.DataFrame, glioma_labels: pd.DataFra
             "patients_without_fold": missing,
             "fold_size_spread": spread,
             "by_fold": dg.MetadataValue.json({str(k): int(v) for k, v in sorted(counts.items())}),
+        },
+    )
+
+
+@dg.asset_check(
+    asset="glioma_challenger_eval",
+    blocking=True,
+    description="Blocks the glioma-gmmas champion alias unless the challenger beats the champion (pooled OOF score, "
+    "else best validation loss).",
+)
+def glioma_challenger_beats_champion(glioma_challenger_eval: pd.DataFrame) -> dg.AssetCheckResult:
+    r = glioma_challenger_eval.iloc[0]
+    return dg.AssetCheckResult(
+        passed=bool(r["promote"]),
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={
+            "reason": str(r["reason"]),
+            "metric": str(r["metric"]),
+            "challenger_version": str(r["challenger_version"]),
+            "champion_version": str(r["champion_version"]),
         },
     )
