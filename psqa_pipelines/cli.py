@@ -5,7 +5,9 @@ psqa demo            sample data -> inbox -> whole asset graph, in-process; prin
                      (--qa-plans N: simulated IMRT QA programme -> BMMQA + baselines trained on CPU,
                      evaluation, Shapley report, champion alias; 0 skips the PSQA stage;
                      --no-contour-dose skips the CTAN contour + dose stage: six tiny CPU models on the
-                     sample DICOM studies and the OpenKBP patients, scores, DICOM exports)
+                     sample DICOM studies and the OpenKBP patients, scores, DICOM exports;
+                     --no-glioma skips the GMMAS glioma stage: 8 shared lgg-mri patients, 2-fold CV of a
+                     tiny CPU model, evaluation vs baselines, ablation, reports, champion alias)
 psqa dev             Dagster UI (dagster dev) + MLflow UI on loopback
 """
 
@@ -61,7 +63,62 @@ DEMO_CONTOUR_DOSE = {
 }
 
 
-def demo(home: Path, studies: int, with_shared: bool, qa_plans: int = 60, contour_dose: bool = True) -> int:
+DEMO_GLIOMA_TRAINING = {
+    "epochs": 2,
+    "batch_size": 8,
+    "widths": [4, 8, 8, 16],
+    "pseudo_labels": False,
+    "distill": False,
+}
+DEMO_GLIOMA_PATIENTS = 8
+
+
+def demo_glioma_config(lgg_dir: Path) -> dict:
+    """Run config of ``glioma_job`` for the demo: a few lgg-mri patients, 2 folds, a tiny model."""
+    return {
+        "ops": {
+            "glioma_import": {
+                "config": {"lgg_dir": str(lgg_dir), "brain_mri_dir": "", "max_patients": DEMO_GLIOMA_PATIENTS}
+            },
+            "glioma_folds": {"config": {"n_folds": 2}},
+            "glioma_model": {"config": DEMO_GLIOMA_TRAINING},
+            "glioma_cv_predictions": {"config": {**DEMO_GLIOMA_TRAINING, "mc": 2}},
+            "glioma_evaluation": {"config": {"n_boot": 200}},
+            "glioma_ablation": {"config": {"variants": ["equal_weights"], "folds": [0], "n_boot": 100}},
+        }
+    }
+
+
+def _demo_glioma(defs, instance, lgg_dir: Path) -> bool:
+    print(f"glioma (GMMAS): {DEMO_GLIOMA_PATIENTS} lgg-mri patients, 2-fold CV of a tiny CPU model, evaluation, ...")
+    res = defs.resolve_job_def("glioma_job").execute_in_process(
+        instance=instance, run_config=demo_glioma_config(lgg_dir), raise_on_error=False
+    )
+    if res.success:
+        ev = res.output_for_node("glioma_evaluation")
+        print(
+            ev[["model", "task", "n", "auc_ci", "balanced_accuracy"]].to_string(
+                index=False, float_format="{:.2f}".format
+            )
+        )
+        oof = res.output_for_node("glioma_cv_predictions")
+        champ = res.output_for_node("glioma_challenger_eval").iloc[0]
+        print(
+            f"out-of-fold Dice {oof['dice'].mean():.2f} over {len(oof)} patients; champion alias: {champ['reason']}\n"
+            "(pipeline check on 8 patients and 2 epochs: these numbers say nothing about GMMAS. Real numbers: "
+            "benchmarks/glioma.py and the README's glioma section.)"
+        )
+    return res.success
+
+
+def demo(
+    home: Path,
+    studies: int,
+    with_shared: bool,
+    qa_plans: int = 60,
+    contour_dose: bool = True,
+    glioma: bool = True,
+) -> int:
     import dagster as dg
 
     from ml.data.synthetic import generate_hn_cohort
@@ -136,6 +193,11 @@ def demo(home: Path, studies: int, with_shared: bool, qa_plans: int = 60, contou
                     "(pipeline check: 160 training slices per model on a handful of patients; these scores say "
                     "nothing about the models. Real numbers: README, contour + dose section.)"
                 )
+        lgg_dir = shared / "lgg-mri"
+        if glioma and with_shared and (lgg_dir / "patients").is_dir():
+            train_ok = _demo_glioma(defs, instance, lgg_dir) and train_ok
+        elif glioma:
+            print(f"glioma stage skipped: {lgg_dir} is absent" if with_shared else "glioma stage skipped (--no-shared)")
     elapsed = time.perf_counter() - t0
     print()
     print(
@@ -149,8 +211,9 @@ def demo(home: Path, studies: int, with_shared: bool, qa_plans: int = 60, contou
     print(f"  MLflow store   {home / 'mlflow' / 'mlflow.db'}")
     print(
         "next: `make dev`, then open the Dagster UI at http://127.0.0.1:3000 (asset groups ingest -> "
-        "preprocess -> lake_tables -> psqa -> psqa_training -> contour_dose -> contour_dose_training) and MLflow at "
-        "http://127.0.0.1:5000 (models psqa-bmmqa with alias champion, contour-dose-<variant>)"
+        "preprocess -> lake_tables -> psqa -> psqa_training -> contour_dose -> contour_dose_training -> glioma) and "
+        "MLflow at http://127.0.0.1:5000 (models psqa-bmmqa and glioma-gmmas with alias champion, "
+        "contour-dose-<variant>)"
     )
     return 0 if not report.failed and train_ok else 1
 
@@ -238,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--no-shared", action="store_true", help="do not copy ../shared samples (BraTS, 2 OpenKBP patients)")
     d.add_argument("--qa-plans", type=int, default=60, help="simulated QA plans for the PSQA stage (0: skip it)")
     d.add_argument("--no-contour-dose", action="store_true", help="skip the contour + dose training stage")
+    d.add_argument("--no-glioma", action="store_true", help="skip the GMMAS glioma stage (needs ../shared lgg-mri)")
     v = sub.add_parser("dev")
     v.add_argument("--dagster-port", type=int, default=3000)
     v.add_argument("--mlflow-port", type=int, default=5000)
@@ -248,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"initialised {home}")
         return 0
     if args.cmd == "demo":
-        return demo(home, args.studies, not args.no_shared, args.qa_plans, not args.no_contour_dose)
+        return demo(home, args.studies, not args.no_shared, args.qa_plans, not args.no_contour_dose, not args.no_glioma)
     return dev(home, args.dagster_port, args.mlflow_port)
 
 
