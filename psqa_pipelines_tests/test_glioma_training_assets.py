@@ -141,8 +141,21 @@ def test_glioma_training_chain(storage, instance, mlflow_store, one_torch_thread
     assert len(reports) == 8
     for r in reports.to_dict("records"):
         assert Path(r["markdown"]).read_text().startswith("#") and "<html" in Path(r["html"]).read_text().lower()
+    logged = {Path(a.path).name for a in client.list_artifacts(parent, "reports")}
+    assert {Path(r["markdown"]).name for r in reports.to_dict("records")} <= logged
 
     champ = result.output_for_node("glioma_champion").iloc[0]
     assert champ["champion_version"] == str(model["model_version"])
     alias = mlflow_store.get_version_by_alias(training.GLIOMA_MODEL_NAME, "champion")
     assert str(alias.version) == str(model["model_version"])
+
+
+def test_glioma_job_and_weekly_schedule():
+    from psqa_pipelines.definitions import defs
+
+    job = defs.resolve_job_def("glioma_job")
+    keys = {k.to_user_string() for k in job.asset_layer.selected_asset_keys}
+    assert {"glioma_cases", "glioma_model", "glioma_cv_predictions", "glioma_reports", "glioma_champion"} <= keys
+    assert job.tags.get("psqa/gpu") == "true"
+    schedule = defs.resolve_schedule_def("glioma_schedule")
+    assert schedule.job_name == "glioma_job" and schedule.default_status == dg.DefaultScheduleStatus.STOPPED

@@ -171,7 +171,7 @@ def glioma_evaluation(
                 "dice_median": float(seg["dice"].median()) if len(seg) else float("nan"),
                 "dice_std": float(seg["dice"].std()) if len(seg) else float("nan"),
                 "hd95_median": float(seg["hd95"].median()) if len(seg) else float("nan"),
-                "hd95_units": "pixels (lgg-mri: no geometry)",
+                "hd95_units": "voxels of the 128 x 128 training grid (lgg-mri records no geometry)",
             }
         ]
     )
@@ -453,6 +453,10 @@ def glioma_reports(
     ece = {str(r["task"]): float(r["ece"]) for _, r in gm.iterrows()}
     out = storage.lake / "glioma" / "reports"
     out.mkdir(parents=True, exist_ok=True)
+    current = set(oof["patient_id"].astype(str))
+    for f in out.iterdir():  # the folder holds the latest reports only (it is logged as a whole)
+        if f.is_file() and f.suffix in (".md", ".html", ".png") and f.stem not in current:
+            f.unlink()
     rows = []
     for pred in oof.sort_values("patient_id").to_dict("records"):
         pid = str(pred["patient_id"])
@@ -477,11 +481,7 @@ def glioma_reports(
             }
         )
     table = pd.DataFrame(rows, columns=["patient_id", "fold", "markdown", "html", "figure"])
-    client = mlflow.client()
-    for r in rows:
-        for key in ("markdown", "html", "figure"):
-            if r[key]:
-                client.log_artifact(cv_run, r[key], artifact_path="reports")
+    mlflow.client().log_artifacts(cv_run, str(out), artifact_path="reports")
     sample = table.iloc[0] if len(table) else None
     preview = {}
     if sample is not None:
