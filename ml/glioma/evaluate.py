@@ -789,7 +789,10 @@ def roc_png(preds_by_model: Mapping[str, pd.DataFrame], labels: pd.DataFrame, ta
     ax.set_ylabel("sensitivity", fontsize=7)
     ax.set_title(f"ROC: {task}", fontsize=8)
     ax.tick_params(labelsize=6)
-    ax.legend(fontsize=6, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6, loc="lower right")
+    else:  # one class only among the scored patients: no curve to draw
+        ax.text(0.5, 0.5, "ROC undefined: one class only", ha="center", va="center", fontsize=7)
     return png_bytes(plt, fig)
 
 

@@ -307,3 +307,21 @@ def test_radiomics_features_on_real_lgg_patients():
         assert f["flair_tumour_brain_ratio"] > 1.0  # FLAIR abnormality is hyperintense
         rows.append({"patient_id": path.stem, **f})
     assert len(pd.DataFrame(rows)) == 3
+
+
+def test_roc_png_one_class_no_warning():
+    """A task with one class among the scored patients draws no curve and raises no warning."""
+    import warnings
+
+    labels = pd.DataFrame(
+        {"patient_id": ["a", "b"], "histology": [0, 0], "grade": [1, 1], "idh": [1, 1], "codel": [0, 0]}
+    )
+    preds = pd.DataFrame(
+        {"patient_id": ["a", "b"], "fold": [0, 0], "p_idh_mutant": [0.2, 0.8], "p_codel": [0.1, 0.3],
+         "p_grade_g3": [0.5, 0.6], "p_oligodendroglioma": [0.2, 0.3], "p_astrocytoma": [0.5, 0.4],
+         "p_oligoastrocytoma": [0.3, 0.3]}
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        png = roc_png({"m": preds}, labels, "idh")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -18,7 +18,6 @@ The math lives in ``ml.glioma.evaluate``, ``ml.glioma.selection``, ``ml.glioma.r
 ``ml.glioma.plots``; these assets load files, call, log and describe.
 """
 
-import warnings
 from pathlib import Path
 
 import dagster as dg
@@ -176,12 +175,10 @@ def glioma_evaluation(
         ]
     )
     plots = {}
-    with warnings.catch_warnings():  # matplotlib: an empty legend when a task has one class among few patients
-        warnings.simplefilter("ignore", UserWarning)
-        for t in TASK_NAMES:
-            plots[f"roc_{t}"] = roc_png(preds, labels, t)
-            plots[f"reliability_{t}"] = reliability_png(oof, labels, t)
-            plots[f"confusion_{t}"] = confusion_png(oof, labels, t)
+    for t in TASK_NAMES:
+        plots[f"roc_{t}"] = roc_png(preds, labels, t)
+        plots[f"reliability_{t}"] = reliability_png(oof, labels, t)
+        plots[f"confusion_{t}"] = confusion_png(oof, labels, t)
 
     out_dir = storage.lake / "glioma" / "evaluation" / context.run.run_id
     out_dir.mkdir(parents=True, exist_ok=True)
