@@ -27,6 +27,16 @@ class CycleReport:
     results: list = field(default_factory=list)
 
 
+#: run config that keeps in-process runs readable in a terminal: the console logger at INFO shows the
+#: assets' own progress lines (training epochs, summaries) and hides Dagster's per-step DEBUG events
+#: (thousands per demo); everything still goes to the instance's event log (the UI shows it all).
+CONSOLE_INFO = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
+
+def with_console_info(run_config: dict | None = None) -> dict:
+    return {**(run_config or {}), **CONSOLE_INFO}
+
+
 def run_inbox_cycle(
     defs: dg.Definitions,
     instance: dg.DagsterInstance,
@@ -46,7 +56,11 @@ def run_inbox_cycle(
         job = defs.resolve_job_def(req.job_name)
         tags = {**req.tags, "dagster/sensor_name": "inbox_sensor", "dagster/run_key": req.run_key}
         run = job.execute_in_process(
-            instance=instance, partition_key=req.partition_key, tags=tags, raise_on_error=raise_on_error
+            run_config=with_console_info(),
+            instance=instance,
+            partition_key=req.partition_key,
+            tags=tags,
+            raise_on_error=raise_on_error,
         )
         report.results.append(run)
         if req.partition_key:
@@ -64,6 +78,8 @@ def run_inbox_cycle(
     if rebuild_tables:
         for name in ("lake_tables_job", "psqa_tables_job"):
             report.results.append(
-                defs.resolve_job_def(name).execute_in_process(instance=instance, raise_on_error=raise_on_error)
+                defs.resolve_job_def(name).execute_in_process(
+                    run_config=with_console_info(), instance=instance, raise_on_error=raise_on_error
+                )
             )
     return report

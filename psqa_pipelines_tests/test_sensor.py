@@ -103,3 +103,21 @@ def test_quarantine_moves_do_not_retrigger(instance, storage, make_defs, sample_
     assert not (dup_dir / "again.dcm").exists()  # moved to quarantine
     again = _tick(instance, storage, report.cursor)
     assert not again.run_requests, [r.partition_key for r in again.run_requests]
+
+
+def test_in_process_runs_log_info_not_debug_events(tmp_path, capsys):
+    """The demo's in-process runs print the assets' progress lines, not Dagster's DEBUG event flood."""
+    import dagster as dg
+
+    from psqa_pipelines.runner import with_console_info
+
+    @dg.asset
+    def chatty(context) -> int:
+        context.log.info("progress line")
+        return 1
+
+    res = dg.materialize([chatty], run_config=with_console_info())
+    assert res.success
+    err = capsys.readouterr().err
+    assert "progress line" in err
+    assert "STEP_START" not in err and " - DEBUG - " not in err
