@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ml.glioma import evaluate as E
 from ml.glioma.cv import load_oof, run_cv
-from ml.glioma.data import PRED_COLUMNS, load_dataset
+from ml.glioma.data import PRED_COLUMNS, SEQUENCES, load_dataset
 from ml.glioma.split import cv_folds
 from ml.glioma.train import TrainConfig
 
@@ -75,6 +75,11 @@ def main() -> int:
     ap.add_argument("--n-boot", type=int, default=2000)
     ap.add_argument("--results", type=Path, default=None, help="write the Markdown tables here")
     ap.add_argument("--report-only", action="store_true", help="no training: tabulate what is finished")
+    ap.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="also tabulate variants with some folds finished (every model scored on those patients only)",
+    )
     args = ap.parse_args()
     if not args.data.is_dir():
         print(f"no data at {args.data}")
@@ -114,8 +119,16 @@ def main() -> int:
         oof, _ = load_oof(args.out, v)
         n_folds = oof["fold"].nunique() if not oof.empty else 0
         print(f"{v}: {n_folds}/{len(ks)} folds, {len(oof)} patients")
-        if n_folds == len(ks):
+        if n_folds == len(ks) or (args.allow_partial and n_folds > 0):
             complete[v] = oof
+            if n_folds < len(ks):
+                out_lines += [f"**Partial: {v} has {n_folds} of {len(ks)} folds ({len(oof)} patients).**", ""]
+    # with partial variants every model is scored on the same patients (those of gmmas)
+    scored = set(complete["gmmas"]["patient_id"]) if "gmmas" in complete else None
+
+    def _same(df: pd.DataFrame) -> pd.DataFrame:
+        return df[df["patient_id"].isin(scored)] if scored is not None else df
+
     if "gmmas" in complete:
         oof = complete["gmmas"]
         masks = {}
@@ -141,16 +154,18 @@ def main() -> int:
         ]
         print(f"GMMAS mean patient Dice {dice_mean:.3f} [{dice_ci[0]:.3f}, {dice_ci[1]:.3f}]")
     # baselines on the same folds
-    tables["majority class"] = E.classification_table(E.majority_baseline(labels, folds), labels, n_boot=args.n_boot)
+    tables["majority class"] = E.classification_table(
+        _same(E.majority_baseline(labels, folds)), labels, n_boot=args.n_boot
+    )
     feats = pd.DataFrame(
         [{"patient_id": p.patient_id, **E.radiomics_features(p.image, p.mask, present=p.present)} for p in ds.patients]
     )
     tables["radiomics LR (GT masks)"] = E.classification_table(
-        E.radiomics_baseline(feats, labels, folds), labels, n_boot=args.n_boot
+        _same(E.radiomics_baseline(feats, labels, folds)), labels, n_boot=args.n_boot
     )
     for v, oof in complete.items():
         if v != "gmmas":
-            tables[f"ablation {v}"] = E.classification_table(oof, labels, n_boot=args.n_boot)
+            tables[f"ablation {v}"] = E.classification_table(_same(oof), labels, n_boot=args.n_boot)
     comp = E.compare_table(tables)
     wide = E.compare_table(tables, wide=True).reset_index()
     print(wide.to_string(index=False))
@@ -171,7 +186,9 @@ def main() -> int:
         base = [m for m in tables if not m.startswith(("GMMAS", "ablation"))]
         for t in ("idh", "codel"):
             beats = all(float(g.at[t, "auc"]) > float(tables[m].set_index("task").at[t, "auc"]) for m in base)
-            checks.append(f"- beats every baseline on {t} AUC: {'yes' if beats else 'no'}")
+            checks.append(
+                f"- beats every baseline on {t} AUC (point estimates; see the CIs): {'yes' if beats else 'no'}"
+            )
         out_lines += ["## Targets", "", *checks, ""]
         print("\n".join(checks))
         _, miss = load_oof(args.out, "gmmas")
@@ -199,7 +216,14 @@ def main() -> int:
             m = json.loads(f.read_text())
             w.append({k: v for k, v in m.items() if k.startswith(("w_", "sigma_", "temperature_"))})
         if w:
-            wm = pd.DataFrame(w).mean().to_frame("mean over folds").reset_index(names="quantity")
+            wdf = pd.DataFrame(w)
+            # modal significance over the sequences the cohort has (older runs normalised over all four)
+            seen = [f"w_{s}" for i, s in enumerate(SEQUENCES) if any(p.present[i] for p in ds.patients)]
+            wcols = [c for c in wdf.columns if c.startswith("w_")]
+            if seen and wcols:
+                wdf.loc[:, seen] = wdf[seen].div(wdf[seen].sum(axis=1), axis=0)
+                wdf.loc[:, [c for c in wcols if c not in seen]] = 0.0
+            wm = wdf.mean().to_frame("mean over folds").reset_index(names="quantity")
             out_lines += ["## Learned modality weights, Kendall sigma, temperatures (mean over folds)", "", _md(wm), ""]
     out_lines += [f"Wall time of this invocation: {time.perf_counter() - t0:.0f} s.", ""]
     if args.results:

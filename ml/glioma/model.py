@@ -222,9 +222,13 @@ class GMMAS(nn.Module):
             w = w * drop.float()
         return w / w.sum(1, keepdim=True).clamp_min(1e-6)
 
-    def modal_significance(self) -> dict[str, float]:
-        w = torch.exp(self.v.detach().float() - 1.0)
-        w = w / w.sum()
+    def modal_significance(self, seen: torch.Tensor | None = None) -> dict[str, float]:
+        """Fusion weights normalised to sum 1 over the sequences ``seen`` in training (0/1 per
+        sequence; default all): a sequence never present keeps its initial logit and is reported 0."""
+        w = torch.exp(self.v.detach().float().cpu() - 1.0)
+        if seen is not None:
+            w = w * seen.float().cpu()
+        w = w / w.sum().clamp_min(1e-12)
         return {s: float(x) for s, x in zip(SEQUENCES, w, strict=True)}
 
     def encode(self, x: torch.Tensor, present: torch.Tensor, drop: torch.Tensor | None = None):

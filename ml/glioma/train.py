@@ -271,7 +271,8 @@ class GliomaTask(TrainTask):
 
     def end_epoch(self, epoch: int, mean_losses: dict[str, float]) -> dict[str, float]:
         extra = {f"sigma_{t}": s for t, s in self.kendall.sigmas().items()}
-        extra.update({f"w_{s}": w for s, w in self.model.modal_significance().items()})
+        seen = self.data["train"].present.amax(0) > 0
+        extra.update({f"w_{s}": w for s, w in self.model.modal_significance(seen).items()})
         extra["cutmix_samples"] = float(self.n_mixed)
         for t in self.tasks:
             extra[f"pseudo_{t}"] = float(len(self.pseudo.get(t, {})))

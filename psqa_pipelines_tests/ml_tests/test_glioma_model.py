@@ -293,6 +293,9 @@ def test_cli_round_trip_on_real_patients(tiny_model, tmp_path):
         assert (model / name).exists(), name
     hist = pd.read_csv(model / "history.csv")
     assert {"sigma_seg", "sigma_idh", "w_flair", "w_t2", "val_dice"} <= set(hist.columns)
+    # modal significance over the sequences seen in training: lgg-mri has no T2
+    assert (hist["w_t2"] == 0).all()
+    assert np.allclose(hist[["w_flair", "w_t1c", "w_t1"]].sum(1), 1.0, atol=1e-6)
     pdata = tmp_path / "unlabelled"
     (pdata / "patients").mkdir(parents=True)
     for pid in IDS[:2]:
