@@ -33,6 +33,7 @@ from psqa_pipelines.defs.glioma.training import (
     read_cv_config,
     run_tracked_cv,
 )
+from psqa_pipelines.lib.champion import promote_challenger
 from psqa_pipelines.lib.metadata import md_png, md_table
 from psqa_pipelines.resources import MlflowResource, PsqaStorage
 from psqa_pipelines.resources.compute import GPU_POOL
@@ -591,26 +592,7 @@ def glioma_champion(
     context: dg.AssetExecutionContext, mlflow: MlflowResource, glioma_challenger_eval: pd.DataFrame
 ) -> pd.DataFrame:
     r = glioma_challenger_eval.iloc[0]
-    if not bool(r["promote"]):  # defence in depth: the blocking check should have stopped us
-        raise dg.Failure(f"challenger did not beat the champion: {r['reason']}")
-    version = str(r["challenger_version"])
-    mlflow.set_alias(GLIOMA_MODEL_NAME, CHAMPION_ALIAS, version)
-    mlflow.client().set_model_version_tag(GLIOMA_MODEL_NAME, version, "promoted_by_dagster_run", context.run.run_id)
-    context.add_output_metadata(
-        {
-            "champion_version": version,
-            "previous_champion": str(r["champion_version"]),
-            "reason": str(r["reason"]),
-            "mlflow_model": dg.MetadataValue.url(mlflow.model_version_url(GLIOMA_MODEL_NAME, version)),
-        }
-    )
-    return pd.DataFrame(
-        [
-            {
-                "champion_version": version,
-                "previous_champion": str(r["champion_version"]),
-                "metric": str(r["metric"]),
-                "reason": str(r["reason"]),
-            }
-        ]
-    )
+    row = promote_challenger(context, mlflow, GLIOMA_MODEL_NAME, r)
+    return pd.DataFrame([{**row, "metric": str(r["metric"])}])[
+        ["champion_version", "previous_champion", "metric", "reason"]
+    ]

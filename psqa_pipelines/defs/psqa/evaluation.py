@@ -22,6 +22,7 @@ import pandas as pd
 
 from ml.psqa.train import VARIANTS
 from psqa_pipelines.constants import CHAMPION_ALIAS, OWNER_ML, PSQA_MODEL_NAME, PSQA_TRAINING
+from psqa_pipelines.lib.champion import promote_challenger
 from psqa_pipelines.lib.metadata import md_png, md_table
 from psqa_pipelines.resources import MlflowResource, PsqaStorage
 
@@ -364,26 +365,5 @@ def psqa_champion(
     context: dg.AssetExecutionContext, mlflow: MlflowResource, psqa_challenger_eval: pd.DataFrame
 ) -> pd.DataFrame:
     r = psqa_challenger_eval.iloc[0]
-    if not bool(r["promote"]):  # defence in depth: the blocking check should have stopped us
-        raise dg.Failure(f"challenger did not beat the champion: {r['reason']}")
-    version = str(r["challenger_version"])
-    mlflow.set_alias(PSQA_MODEL_NAME, CHAMPION_ALIAS, version)
-    mlflow.client().set_model_version_tag(PSQA_MODEL_NAME, version, "promoted_by_dagster_run", context.run.run_id)
-    context.add_output_metadata(
-        {
-            "champion_version": version,
-            "previous_champion": str(r["champion_version"]),
-            "reason": str(r["reason"]),
-            "mlflow_model": dg.MetadataValue.url(mlflow.model_version_url(PSQA_MODEL_NAME, version)),
-        }
-    )
-    return pd.DataFrame(
-        [
-            {
-                "champion_version": version,
-                "previous_champion": str(r["champion_version"]),
-                "reason": str(r["reason"]),
-                "details": json.dumps({"mae": r["challenger_mae_2_2"]}),
-            }
-        ]
-    )
+    row = promote_challenger(context, mlflow, PSQA_MODEL_NAME, r)
+    return pd.DataFrame([{**row, "details": json.dumps({"mae": r["challenger_mae_2_2"]})}])
