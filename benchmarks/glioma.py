@@ -69,7 +69,7 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=root.parent / "shared" / "datasets" / "lgg-mri")
     ap.add_argument("--out", type=Path, default=Path("/tmp/glioma-cv"))
     ap.add_argument("--variants", default="gmmas")
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--budget-minutes", type=float, default=None)
     ap.add_argument("--n-boot", type=int, default=2000)
@@ -104,11 +104,13 @@ def main() -> int:
                 run_cv(ds, args.out, folds, cfg, variant=v, only_folds=[k], log=lambda s: print(s, flush=True))
 
     by = ds.by_id()
+    cfg0 = args.out / "gmmas" / "fold0" / "config.json"
+    epochs = json.loads(cfg0.read_text())["train"]["epochs"] if cfg0.exists() else args.epochs
     out_lines = [
         "# GMMAS on TCGA-LGG (lgg-mri, 88 patients): pooled out-of-fold results",
         "",
         (
-            f"Stratified {len(ks)}-fold patient-level CV (IDH x 1p/19q, seed 0); {args.epochs} epochs per fold "
+            f"Stratified {len(ks)}-fold patient-level CV (IDH x 1p/19q, seed 0); {epochs} epochs per fold "
             "on a 2-core CPU; bootstrap 95 % CIs over patients (2,000 resamples). Produced by `benchmarks/glioma.py`."
         ),
         "",
