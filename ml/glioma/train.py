@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -347,15 +347,12 @@ def _subset(data: SliceData, patients: list[int]) -> SliceData:
     )
 
 
-def _withhold(ds: Dataset, ids: list[str], frac: float, seed: int) -> list[str]:
+def _withhold(ids: list[str], frac: float, seed: int) -> list[str]:
+    """The training patients whose labels are hidden (deterministic in ``seed``)."""
     if frac <= 0:
         return []
     rng = np.random.default_rng(seed + 17)
-    chosen = sorted(rng.choice(sorted(ids), size=round(frac * len(ids)), replace=False).tolist())
-    by = ds.by_id()
-    for pid in chosen:
-        by[pid].labels = dict.fromkeys(TASKS, -1)
-    return chosen
+    return sorted(rng.choice(sorted(ids), size=round(frac * len(ids)), replace=False).tolist())
 
 
 def train(
@@ -391,9 +388,12 @@ def train(
     val_ids = [p for p in val_ids if p in known]
     if len(ids) < 2 or not val_ids:
         raise ValueError(f"need >= 2 training and >= 1 validation patients, got {len(ids)} / {len(val_ids)}")
-    withheld = _withhold(ds, ids, cfg.withhold_labels, cfg.seed)
+    withheld = _withhold(ids, cfg.withhold_labels, cfg.seed)
     by = ds.by_id()
-    data = {"train": build_slices([by[p] for p in ids]), "val": build_slices([by[p] for p in val_ids])}
+    hidden = set(withheld)
+    # copies with the labels hidden: the caller's Dataset (reused across CV folds) is never changed
+    train_patients = [replace(by[p], labels=dict.fromkeys(TASKS, -1)) if p in hidden else by[p] for p in ids]
+    data = {"train": build_slices(train_patients), "val": build_slices([by[p] for p in val_ids])}
     if not bool(data["train"].tumour.any()):
         raise ValueError("no training slice has a tumour mask")
     log(

@@ -397,3 +397,24 @@ def test_cli_cv_writes_out_of_fold_predictions(tmp_path):
         assert not trained_on & held_out
     assert len(list((out / "gmmas").glob("fold0/missing_*.csv"))) >= 3
     assert oof["dice"].between(0, 1).all()
+
+
+def test_withheld_labels_hidden_in_training_only(tmp_path):
+    """``withhold_labels`` hides labels of a fraction of the training patients for that run only: the
+    Dataset (reused by every CV fold) keeps them, and the withheld patients train unlabelled."""
+    from ml.glioma.data import Dataset
+    from ml.glioma.train import train
+
+    pats = [
+        _patient(f"P{i}", {"histology": i % 3, "grade": i % 2, "idh": 1, "codel": i % 2}, 5.0 + i) for i in range(6)
+    ]
+    labels = pd.DataFrame([{"patient_id": p.patient_id, **p.labels} for p in pats])
+    ds = Dataset(pats, labels, [])
+    before = [dict(p.labels) for p in pats]
+    cfg = TrainConfig(
+        epochs=1, widths=(4, 8, 8, 16), context=0, batch_size=4, withhold_labels=0.5, device="cpu", calibrate=False
+    )
+    train(ds, tmp_path / "m", cfg, train_ids=[p.patient_id for p in pats[:4]], val_ids=["P4", "P5"], log=lambda s: None)
+    assert [p.labels for p in pats] == before
+    withheld = json.loads((tmp_path / "m" / "config.json").read_text())["split"]["withheld_labels"]
+    assert len(withheld) == 2 and set(withheld) <= {"P0", "P1", "P2", "P3"}
