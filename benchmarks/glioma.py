@@ -37,7 +37,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ml.glioma import evaluate as E
-from ml.glioma.cv import load_oof, run_cv
+from ml.glioma.cv import load_oof, load_oof_masks, run_cv
 from ml.glioma.data import PRED_COLUMNS, SEQUENCES, load_dataset
 from ml.glioma.split import cv_folds
 from ml.glioma.train import TrainConfig
@@ -133,10 +133,7 @@ def main() -> int:
 
     if "gmmas" in complete:
         oof = complete["gmmas"]
-        masks = {}
-        for f in sorted((args.out / "gmmas").glob("fold*/oof_masks.npz")):
-            with np.load(f) as z:
-                masks.update({k: z[k] for k in z.files})
+        masks = load_oof_masks(args.out, "gmmas")
         seg = E.segmentation_table(masks, {p: by[p].mask for p in masks})
         dice_mean = float(seg["dice"].mean())
         dice_ci = np.percentile(

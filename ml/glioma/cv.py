@@ -43,7 +43,7 @@ from ml.glioma.slices import build_slices
 from ml.glioma.train import TrainConfig, train
 from ml.utils.io import atomic_write_text, save_npz_deterministic
 
-__all__ = ["VARIANTS", "fold_dice", "load_oof", "missing_subsets", "run_cv", "variant_config"]
+__all__ = ["VARIANTS", "fold_dice", "load_oof", "load_oof_masks", "missing_subsets", "run_cv", "variant_config"]
 
 VARIANTS: dict[str, dict] = {
     "gmmas": {},
@@ -168,3 +168,12 @@ def load_oof(cv_dir: str | os.PathLike, variant: str) -> tuple[pd.DataFrame, pd.
         pd.concat(oof, ignore_index=True) if oof else pd.DataFrame(),
         pd.concat(miss, ignore_index=True) if miss else pd.DataFrame(),
     )
+
+
+def load_oof_masks(cv_dir: str | os.PathLike, variant: str = "gmmas") -> dict[str, np.ndarray]:
+    """Every finished fold's predicted out-of-fold masks: patient_id -> uint8 (S, H, W)."""
+    masks: dict[str, np.ndarray] = {}
+    for f in sorted((Path(cv_dir) / variant).glob("fold*/oof_masks.npz")):
+        with np.load(f, allow_pickle=False) as z:
+            masks.update({k: z[k] for k in z.files})
+    return masks

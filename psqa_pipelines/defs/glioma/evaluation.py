@@ -54,17 +54,11 @@ def _labels(data_dir: str) -> pd.DataFrame:
     return read_labels(Path(data_dir) / "labels.csv")[0]
 
 
-def _patient(data_dir: str, pid: str) -> dict[str, np.ndarray]:
-    with np.load(Path(data_dir) / "patients" / f"{pid}.npz", allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+def _patient(data_dir: str, pid: str):
+    """One exported patient as ``ml.glioma.data.Patient`` (z-scored, model order), like the benchmark."""
+    from ml.glioma.data import load_patient
 
-
-def _oof_masks(cv_dir: str, variant: str = "gmmas") -> dict[str, np.ndarray]:
-    masks = {}
-    for f in sorted((Path(cv_dir) / variant).glob("fold*/oof_masks.npz")):
-        with np.load(f, allow_pickle=False) as z:
-            masks.update({k: z[k] for k in z.files})
-    return masks
+    return load_patient(Path(data_dir) / "patients" / f"{pid}.npz")
 
 
 def _oof(cv_predictions: pd.DataFrame) -> tuple[pd.DataFrame, str, str]:
@@ -120,6 +114,7 @@ def glioma_evaluation(
     glioma_training_data: pd.DataFrame,
     glioma_model: pd.DataFrame,
 ) -> pd.DataFrame:
+    from ml.glioma.cv import load_oof_masks
     from ml.glioma.data import SEQUENCES
     from ml.glioma.evaluate import (
         classification_table,
@@ -140,18 +135,18 @@ def glioma_evaluation(
     folds = _used_folds(cv_dir, oof)
     ids = sorted(oof["patient_id"])
 
-    pred_masks = _oof_masks(cv_dir)
+    pred_masks = load_oof_masks(cv_dir)
     patients = {pid: _patient(data_dir, pid) for pid in ids}
-    true_masks = {pid: p["mask"] for pid, p in patients.items() if "mask" in p}
+    true_masks = {pid: p.mask for pid, p in patients.items() if p.mask is not None}
     seg = segmentation_table(pred_masks, true_masks)
     feats = pd.DataFrame(
         [
             {
                 "patient_id": pid,
-                **radiomics_features(p["image"], p["mask"], channels=SEQUENCES, present=p.get("present")),
+                **radiomics_features(p.image, p.mask, channels=SEQUENCES, present=p.present),
             }
             for pid, p in patients.items()
-            if "mask" in p
+            if p.mask is not None
         ]
     )
     preds = {
@@ -440,13 +435,14 @@ def glioma_reports(
     glioma_training_data: pd.DataFrame,
     glioma_evaluation: pd.DataFrame,
 ) -> pd.DataFrame:
+    from ml.glioma.cv import load_oof_masks
     from ml.glioma.report import patient_report, report_figure_png
     from ml.utils.io import atomic_write_bytes, atomic_write_text
 
     data_dir = str(glioma_training_data.iloc[0]["data_dir"])
     oof, cv_dir, cv_run = _oof(glioma_cv_predictions)
     labels = _labels(data_dir).set_index("patient_id")
-    masks = _oof_masks(cv_dir)
+    masks = load_oof_masks(cv_dir)
     gm = glioma_evaluation[glioma_evaluation["model"] == "GMMAS"]
     ece = {str(r["task"]): float(r["ece"]) for _, r in gm.iterrows()}
     out = storage.lake / "glioma" / "reports"
@@ -461,8 +457,8 @@ def glioma_reports(
         p = _patient(data_dir, pid)
         mask = masks.get(pid)
         true_row = labels.loc[pid].to_dict() if pid in labels.index else None
-        fig = report_figure_png(p["image"], mask, p.get("mask"), present=p.get("present")) if mask is not None else None
-        kw = dict(mask=mask, spacing=p.get("spacing"), true_row=true_row, figure_png=fig, ece=ece)
+        fig = report_figure_png(p.image, mask, p.mask, present=p.present) if mask is not None else None
+        kw = dict(mask=mask, spacing=p.spacing, true_row=true_row, figure_png=fig, ece=ece)
         md = patient_report(pred, fmt="md", figure_name=f"{pid}.png", **kw)
         html = patient_report(pred, fmt="html", **kw)
         atomic_write_text(out / f"{pid}.md", md)
