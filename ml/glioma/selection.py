@@ -17,7 +17,8 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from ml.glioma.evaluate import classification_table
+from ml.glioma.data import PRED_COLUMNS
+from ml.glioma.evaluate import classification_table, paired_auc_delta, paired_mean_delta, task_arrays
 
 __all__ = [
     "SUMMARY_TASKS",
@@ -25,7 +26,9 @@ __all__ = [
     "champion_decision",
     "first_patients",
     "missing_modality_table",
+    "paired_deltas",
     "pooled_score",
+    "uncalibrated",
     "variant_summary",
 ]
 
@@ -55,19 +58,75 @@ def pooled_score(summary: Mapping[str, float]) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
+def uncalibrated(preds: pd.DataFrame) -> pd.DataFrame:
+    """The predictions before temperature scaling: every ``raw_<column>`` (``ml.glioma.predict``:
+    softmax of the aggregated logits, T = 1, no MC dropout) under the scored column name."""
+    df = preds.copy()
+    for c in PRED_COLUMNS:
+        if f"raw_{c}" in df:
+            df[c] = df[f"raw_{c}"]
+    return df
+
+
 def variant_summary(preds: pd.DataFrame, labels: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict:
     """One prediction set (OOF rows, optionally with ``dice``) -> ``n_patients, dice_mean, dice_std``,
-    per task ``auc_<task>, auc_lo_<task>, auc_hi_<task>, bacc_<task>`` and ``score`` (:func:`pooled_score`)."""
+    per task ``auc_<task>, auc_lo_<task>, auc_hi_<task>, bacc_<task>, ece_<task>`` (after temperature
+    scaling), ``ece_raw_<task>`` (before it, when the ``raw_`` columns are there) and ``score``
+    (:func:`pooled_score`)."""
     out: dict = {"n_patients": int(preds["patient_id"].nunique()) if len(preds) else 0}
     dice = preds["dice"].dropna().to_numpy(float) if "dice" in preds else np.zeros(0)
     out["dice_mean"] = float(dice.mean()) if len(dice) else float("nan")
     out["dice_std"] = float(dice.std()) if len(dice) else float("nan")
     table = classification_table(preds, labels, n_boot=n_boot, seed=seed).set_index("task") if len(preds) else None
+    has_raw = any(f"raw_{c}" in preds for c in PRED_COLUMNS)
+    raw = (
+        classification_table(uncalibrated(preds), labels, n_boot=0, seed=seed).set_index("task")
+        if len(preds) and has_raw
+        else None
+    )
     for t in SUMMARY_TASKS:
         row = table.loc[t] if table is not None and t in table.index else None
-        for key, col in (("auc", "auc"), ("auc_lo", "auc_lo"), ("auc_hi", "auc_hi"), ("bacc", "balanced_accuracy")):
+        for key, col in (
+            ("auc", "auc"),
+            ("auc_lo", "auc_lo"),
+            ("auc_hi", "auc_hi"),
+            ("bacc", "balanced_accuracy"),
+            ("ece", "ece"),
+        ):
             out[f"{key}_{t}"] = float(row[col]) if row is not None else float("nan")
+        out[f"ece_raw_{t}"] = float(raw.at[t, "ece"]) if raw is not None and t in raw.index else float("nan")
     out["score"] = pooled_score(out)
+    return out
+
+
+def paired_deltas(
+    ref: pd.DataFrame, var: pd.DataFrame, labels: pd.DataFrame, n_boot: int = 1000, seed: int = 0
+) -> dict[str, float]:
+    """Variant minus reference on the patients both predicted (paired bootstrap over patients,
+    ``ml.glioma.evaluate.paired_mean_delta`` / ``paired_auc_delta``): ``delta_dice_mean`` with
+    ``_lo, _hi, _p`` and the same for ``delta_auc_<task>``."""
+    out: dict[str, float] = {}
+    if "dice" in ref and "dice" in var:
+        d = ref[["patient_id", "dice"]].merge(var[["patient_id", "dice"]], on="patient_id", suffixes=("_r", "_v"))
+        d = d.dropna()
+        vals = paired_mean_delta(d["dice_r"], d["dice_v"], n_boot=n_boot, seed=seed)
+    else:
+        vals = (float("nan"),) * 4
+    key = "delta_dice_mean"
+    out.update(dict(zip((key, f"{key}_lo", f"{key}_hi", f"{key}_p"), vals, strict=True)))
+    for t in SUMMARY_TASKS:
+        yr, pr, ir = task_arrays(ref, labels, t)
+        _, pv, iv = task_arrays(var, labels, t)
+        common = sorted(set(ir) & set(iv))
+        key = f"delta_auc_{t}"
+        if len(common) < 2:
+            vals = (float("nan"),) * 4
+        else:
+            ai, bi = {p: i for i, p in enumerate(ir)}, {p: i for i, p in enumerate(iv)}
+            a = [ai[p] for p in common]
+            b = [bi[p] for p in common]
+            vals = paired_auc_delta(yr[a], pr[a], pv[b], n_boot=n_boot, seed=seed)
+        out.update(dict(zip((key, f"{key}_lo", f"{key}_hi", f"{key}_p"), vals, strict=True)))
     return out
 
 
@@ -79,12 +138,18 @@ def ablation_table(
     seed: int = 0,
 ) -> pd.DataFrame:
     """One row per variant (``{variant: pooled OOF frame}``, in order): :func:`variant_summary` plus
-    ``delta_dice_mean``, ``delta_auc_<task>`` and ``delta_score`` against ``reference`` (NaN when
-    ``reference`` is absent). Compare variants only on the same folds and patients."""
+    the differences to ``reference`` -- ``delta_dice_mean`` and ``delta_auc_<task>`` with paired
+    bootstrap CIs and p-values (:func:`paired_deltas`), ``delta_score`` (NaN when ``reference``
+    is absent). Compare variants only on the same folds and patients."""
     rows = [{"variant": v, **variant_summary(df, labels, n_boot, seed)} for v, df in oofs.items()]
     table = pd.DataFrame(rows)
     if table.empty:
         return table
+    ref_df = oofs.get(reference)
+    deltas = [
+        paired_deltas(ref_df, oofs[v], labels, n_boot, seed) if ref_df is not None else {} for v in table["variant"]
+    ]
+    table = pd.concat([table, pd.DataFrame(deltas, index=table.index)], axis=1)
     ref = table[table["variant"] == reference]
     for col in ("dice_mean", *(f"auc_{t}" for t in SUMMARY_TASKS), "score"):
         base = float(ref[col].iloc[0]) if len(ref) else float("nan")

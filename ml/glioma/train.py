@@ -48,7 +48,7 @@ from ml.glioma.model import GMMAS, ModelConfig, n_parameters
 from ml.glioma.predict import LoadedModel, fit_temperature, predict_patients
 from ml.glioma.slices import SliceData, augment, build_slices, cutmix, make_batch, random_drop
 from ml.training import RUNTIME_FIELDS, Callback, FitSettings, Trainer, TrainTask, resolve_amp, write_metrics
-from ml.utils.io import atomic_write_json
+from ml.utils.io import atomic_write_json, atomic_write_text
 from ml.utils.torch_utils import resolve_device, set_seed
 
 __all__ = ["GliomaTask", "TrainConfig", "class_weights", "inner_split", "train", "validate_patients"]
@@ -365,7 +365,7 @@ def train(
     callbacks: list[Callback] | None = None,
 ) -> dict:
     """Train (or resume) GMMAS; writes config.json, model_best.pt, checkpoint.pt, history.csv,
-    calibration.json, metrics.json. Without ``val_ids`` a stratified 15 % of the training
+    calibration.json, metrics.json, pseudo_labels.csv. Without ``val_ids`` a stratified 15 % of the training
     patients validates (early stopping, model selection, temperature)."""
     cfg = cfg or TrainConfig()
     unknown = set(cfg.tasks) - set(TASKS)
@@ -436,6 +436,11 @@ def train(
         "pseudo_labels": {t: len(v) for t, v in task.pseudo.items()},
         **{k: v for k, v in result.best_row().items() if k.startswith(("val_", "sigma_", "w_"))},
     }
+    # the UPS pseudo-labels (patient, task, class code): scored against the hidden truth in the semi-supervised study
+    rows = [{"patient_id": p, "task": t, "label": int(k)} for t, d in task.pseudo.items() for p, k in sorted(d.items())]
+    atomic_write_text(
+        out / "pseudo_labels.csv", pd.DataFrame(rows, columns=["patient_id", "task", "label"]).to_csv(index=False)
+    )
     if result.complete and cfg.calibrate:
         temps = calibrate(out, data["val"], device, task.tasks)
         metrics.update({f"temperature_{t}": v for t, v in temps.items()})

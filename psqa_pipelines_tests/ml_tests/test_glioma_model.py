@@ -418,3 +418,6 @@ def test_withheld_labels_hidden_in_training_only(tmp_path):
     assert [p.labels for p in pats] == before
     withheld = json.loads((tmp_path / "m" / "config.json").read_text())["split"]["withheld_labels"]
     assert len(withheld) == 2 and set(withheld) <= {"P0", "P1", "P2", "P3"}
+    pl = pd.read_csv(tmp_path / "m" / "pseudo_labels.csv")
+    assert list(pl.columns) == ["patient_id", "task", "label"]
+    assert set(pl["patient_id"]) <= set(withheld)  # only patients without labels get pseudo-labels

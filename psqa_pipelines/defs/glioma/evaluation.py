@@ -279,7 +279,8 @@ class GliomaAblationSettings(dg.Config):
         "Ablation of GMMAS: each configured variant (default equal_weights = no Kendall weighting, no_cutmix) is "
         "cross-validated with the GMMAS CV's settings on the same folds and patients (ml.glioma.cv.run_cv; one "
         "MLflow parent run per variant, child runs per fold) and tabulated against GMMAS: mean Dice, AUC per task "
-        "with CI, pooled score and the differences to GMMAS."
+        "with CI, ECE before/after temperature, pooled score and the paired differences to GMMAS (bootstrap CIs over "
+        "patients, ml.glioma.selection.ablation_table)."
     ),
 )
 def glioma_ablation(
@@ -329,7 +330,18 @@ def glioma_ablation(
             mlflow.log_artifact_bytes(run_id, table.to_markdown(index=False).encode(), "ablation/table.md")
             if png:
                 mlflow.log_artifact_bytes(run_id, png, "ablation/ablation.png")
-    shown = ["variant", "n_patients", "dice_mean", *(f"auc_{t}" for t in TASK_NAMES), "score", "delta_score"]
+    shown = [
+        "variant",
+        "n_patients",
+        "dice_mean",
+        "delta_dice_mean",
+        "delta_dice_mean_lo",
+        "delta_dice_mean_hi",
+        *(f"auc_{t}" for t in TASK_NAMES),
+        *(f"delta_auc_{t}" for t in TASK_NAMES),
+        "score",
+        "delta_score",
+    ]
     context.add_output_metadata(
         {
             "variants": len(table),
