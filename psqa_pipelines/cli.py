@@ -258,6 +258,9 @@ def dev(home: Path, dagster_port: int, mlflow_port: int) -> int:
     print(
         f"Dagster UI: http://127.0.0.1:{dagster_port}   MLflow UI: http://127.0.0.1:{mlflow_port}   (Ctrl-C stops both)"
     )
+    from psqa_pipelines.resources import PsqaStorage
+
+    print(_dev_activity(PsqaStorage(home=str(home))))
 
     def _terminate(signum, frame):
         raise KeyboardInterrupt
@@ -282,6 +285,21 @@ def dev(home: Path, dagster_port: int, mlflow_port: int) -> int:
         for p in procs:
             _signal_group(p.pid, signal.SIGKILL)
     return 0
+
+
+def _dev_activity(storage) -> str:
+    """What `make dev` will do on its own: the sensors that start running and what they watch."""
+    kbp = storage.openkbp
+    sources = f"{storage.inbox}" + (
+        f" and the OpenKBP folder {kbp} (one ingestion run per new patient)"
+        if kbp is not None
+        else " (the OpenKBP source is off: PSQA_OPENKBP_DIR=shared or a folder opts in)"
+    )
+    return (
+        f"running by default: inbox_sensor (every 30 s: new studies in {sources}) and lake_automation "
+        "(rebuilds lake-wide tables after studies land); the retraining schedules are stopped until you "
+        "start them in the UI"
+    )
 
 
 def _signal_group(pgid: int, sig: int) -> None:

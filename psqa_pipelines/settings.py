@@ -63,8 +63,9 @@ PSQA_INBOX_DIR = EnvSetting("PSQA_INBOX_DIR", "$PSQA_HOME/inbox", "landing folde
 PSQA_QUARANTINE_DIR = EnvSetting("PSQA_QUARANTINE_DIR", "$PSQA_HOME/quarantine", "rejected files")
 PSQA_OPENKBP_DIR = EnvSetting(
     "PSQA_OPENKBP_DIR",
-    "../shared/datasets/openkbp/train-pats beside the checkout, if present",
-    "OpenKBP patient folders (read-only source); empty = off",
+    "off",
+    "OpenKBP patient folders (read-only source watched by inbox_sensor; opt-in: the shared 169 patients are "
+    "about an hour of ingestion on 2 cores); `shared` = ../shared/datasets/openkbp/train-pats beside the checkout",
     empty_is_unset=False,
 )
 PSQA_LGG_DIR = EnvSetting(
@@ -120,14 +121,21 @@ def default_home() -> Path:
     return Path.cwd() / ".psqa"
 
 
+def shared_openkbp_dir() -> Path:
+    """The 169 real OpenKBP patients of ``../shared`` beside the checkout (may be absent)."""
+    return REPO_DIR.parent / "shared" / "datasets" / "openkbp" / "train-pats"
+
+
 def default_openkbp_dir() -> str:
-    """``PSQA_OPENKBP_DIR``, else ``../shared/datasets/openkbp/train-pats`` beside the checkout
-    when it exists, else empty (the OpenKBP source is then off)."""
+    """The OpenKBP source is opt-in: empty (off) unless ``PSQA_OPENKBP_DIR`` is set -- to a folder
+    of ``pt_*`` patients, or to ``shared`` for :func:`shared_openkbp_dir` (empty when absent).
+    ``make dev`` would otherwise queue about an hour of ingestion nobody asked for."""
     env = PSQA_OPENKBP_DIR.raw()
-    if env is not None:
-        return env
-    candidate = REPO_DIR.parent / "shared" / "datasets" / "openkbp" / "train-pats"
-    return str(candidate) if candidate.is_dir() else ""
+    if env is None or env in ("", "off"):
+        return ""
+    if env == "shared":
+        return str(shared_openkbp_dir()) if shared_openkbp_dir().is_dir() else ""
+    return env
 
 
 def _shared_dataset_dir(setting: EnvSetting, name: str) -> str:

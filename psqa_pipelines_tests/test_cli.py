@@ -64,3 +64,14 @@ def test_dagster_and_dg_validate_the_code_location(tmp_path):
     _run([sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"], env=env)
     dg_bin = os.path.join(os.path.dirname(sys.executable), "dg")
     _run([dg_bin, "check", "defs"], env=env)
+
+
+def test_dev_says_what_runs_by_default(tmp_path):
+    """`make dev` prints what starts on its own; the OpenKBP source only when opted in."""
+    from psqa_pipelines.cli import _dev_activity
+    from psqa_pipelines.resources import PsqaStorage
+
+    off = _dev_activity(PsqaStorage(home=str(tmp_path), openkbp_dir=""))
+    assert "inbox_sensor" in off and "OpenKBP source is off" in off and "schedules are stopped" in off
+    on = _dev_activity(PsqaStorage(home=str(tmp_path), openkbp_dir=str(tmp_path / "kbp")))
+    assert "one ingestion run per new patient" in on

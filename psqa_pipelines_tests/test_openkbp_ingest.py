@@ -63,7 +63,19 @@ def test_two_real_patients_and_an_incomplete_one(tmp_path, make_defs, instance):
     assert not files_tbl["stored_path"].str.contains("pt_").any()
 
 
-@needs_openkbp
-def test_default_openkbp_dir_points_at_shared(monkeypatch):
+def test_openkbp_source_is_opt_in(monkeypatch, tmp_path):
+    """Unset, the source is off (make dev must not queue an hour of ingestion nobody asked for);
+    ``shared`` names the shared patients, any other value is a folder."""
     monkeypatch.delenv("PSQA_OPENKBP_DIR", raising=False)
+    assert default_openkbp_dir() == ""
+    assert PsqaStorage(home=str(tmp_path)).openkbp is None
+    monkeypatch.setenv("PSQA_OPENKBP_DIR", "off")
+    assert default_openkbp_dir() == ""
+    monkeypatch.setenv("PSQA_OPENKBP_DIR", str(tmp_path))
+    assert default_openkbp_dir() == str(tmp_path)
+
+
+@needs_openkbp
+def test_shared_keyword_points_at_the_shared_patients(monkeypatch):
+    monkeypatch.setenv("PSQA_OPENKBP_DIR", "shared")
     assert default_openkbp_dir() == str(OPENKBP_DIR)
