@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 
-from ml.contour_dose.variants import VARIANTS
+from ml.contour_dose.variants import MODEL_NAMES, VARIANTS
 from psqa_pipelines.defs.contour_dose.training import TRAINED_VARIANTS, registered_name
 from psqa_pipelines.resources import PsqaStorage
 from psqa_pipelines.runner import run_inbox_cycle
@@ -85,6 +85,15 @@ def test_train_contour_dose_end_to_end(tmp_path, make_defs, instance, mlflow_sto
     evaluated = client.get_run(scores.loc["multi-automated", "evaluation_run_id"])
     assert "test_dose_score" in evaluated.data.metrics
     assert evaluated.data.tags["contour_dose/model_version"] == str(scores.loc["multi-automated", "model_version"])
+    # every registered model gets a description and its first champion (the alias rule of each family)
+    champ = result.output_for_node("contour_dose_champion").set_index("variant")
+    assert set(champ.index) == set(TRAINED_VARIANTS) and champ["promoted"].all()
+    for v in TRAINED_VARIANTS:
+        name = registered_name(v)
+        assert client.get_registered_model(name).description.startswith(MODEL_NAMES[v])
+        version = client.get_model_version_by_alias(name, "champion")
+        assert str(version.version) == champ.loc[v, "champion_version"]
+        assert "/runs/" in version.description  # the link back to the Dagster run that trained it
 
     # the new DICOM patient gets an RT Dose + RT Structure Set on its own CT's frame of reference
     exports = result.output_for_node("contour_dose_exports")

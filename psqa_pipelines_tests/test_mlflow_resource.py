@@ -48,6 +48,8 @@ def test_training_like_asset_logs_lineage_and_registers_model(tmp_path, mlflow_s
             input_specs={"image": ("float32", (-1, 1, 16, 16)), "table": ("float32", (-1, 3))},
             output_specs={"gpr": ("float32", (-1,)), "dd_map": ("float32", (-1, 1, 16, 16))},
             registered_model_name="tiny-test-model",
+            model_description="Tiny two-input test model: image + table -> gpr, dd_map.",
+            version_description="trained by the test",
         )
         mlflow.set_alias("tiny-test-model", "champion", info.registered_model_version)
         mlflow.end_run(run_id)
@@ -71,6 +73,11 @@ def test_training_like_asset_logs_lineage_and_registers_model(tmp_path, mlflow_s
     assert run.data.tags["dagster/code_version"] == "7"
     assert len(run.data.tags["git_sha"]) in (7, 40) or run.data.tags["git_sha"] == "unknown"
     assert run.data.params["hidden"] == "8" and run.data.metrics["val_mae"] == 1.5
+    # the MLflow run description links back to the Dagster run
+    note = run.data.tags["mlflow.note.content"]
+    assert f"]({mlflow_store.dagster_ui_url}/runs/{result.run_id})" in note and "`tiny_training`" in note
+    registered = mlflow_store.client().get_registered_model("tiny-test-model")
+    assert registered.description.startswith("Tiny two-input test model")
     inputs = run.inputs.dataset_inputs
     assert [(d.dataset.name, d.dataset.digest) for d in inputs] == [("plan_features", md["dataset_digest"].value)]
     assert "features.parquet" in inputs[0].dataset.source
@@ -78,6 +85,7 @@ def test_training_like_asset_logs_lineage_and_registers_model(tmp_path, mlflow_s
 
     version = mlflow_store.get_version_by_alias("tiny-test-model", "champion")
     assert version is not None and str(version.version) == md["model_version"].value
+    assert version.description == "trained by the test"
     assert version.run_id == run_id
 
     import mlflow.pyfunc

@@ -141,6 +141,8 @@ class TrainingAssetSpec:
     datasets: Callable[[TrainingRun], list[DatasetToLog]]
     model: Callable[[TrainingRun], ModelToLog]
     registered_model_name: str | None = None  # None: the model is logged, not registered
+    # the registered model's description in MLflow: what it predicts, inputs, training data, metrics
+    model_description: str = ""
     version_tags: Callable[[TrainingRun], dict[str, str]] = _empty  # besides model_dir, run, variant, monitor
     monitor_format: str = ".4f"  # how the monitor value is written as a version tag
     artifacts: Sequence[str] = ("history.csv", "config.json", "metrics.json")  # model_dir files -> training/
@@ -291,6 +293,13 @@ def _run_training(
             output_specs=dict(m.output_specs),
             registered_model_name=spec.registered_model_name,
             metadata=m.metadata,
+            model_description=spec.model_description,
+            version_description=(
+                f"Trained by Dagster run [{context.run.run_id[:8]}]({mlflow.dagster_run_url(context.run.run_id)}) "
+                f"(asset `{spec.name}`, variant `{spec.variant}`): best {run.monitor} "
+                f"{format(float(metrics[run.monitor]), spec.monitor_format)} at epoch {int(metrics['best_epoch'])} "
+                f"of {int(metrics['epochs_run'])}; model folder `{model_dir}`."
+            ),
         )
         version = str(info.registered_model_version or "")
         if version:

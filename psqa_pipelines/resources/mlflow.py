@@ -58,6 +58,9 @@ class MlflowResource(dg.ConfigurableResource):
     artifact_root: str = Field(default_factory=mlflow_artifact_root)
     experiment: str = Field(default="psqa")
     ui_url: str = Field(default="http://127.0.0.1:5000", description="where `make dev` serves the MLflow UI")
+    dagster_ui_url: str = Field(
+        default="http://127.0.0.1:3000", description="where `make dev` serves the Dagster UI (run links in MLflow)"
+    )
 
     # -- store ---------------------------------------------------------------------------
     def _sqlite_path(self) -> Path | None:
@@ -127,6 +130,8 @@ class MlflowResource(dg.ConfigurableResource):
     ) -> str:
         exp_id = self.experiment_id(experiment)
         all_tags = {**self.dagster_tags(context), **(tags or {}), "mlflow.source.name": "psqa_pipelines"}
+        if context is not None and "mlflow.note.content" not in all_tags:
+            all_tags["mlflow.note.content"] = self.dagster_note(all_tags)
         run = self.client().create_run(exp_id, run_name=run_name or None, tags=all_tags)
         return run.info.run_id
 
@@ -203,11 +208,16 @@ class MlflowResource(dg.ConfigurableResource):
         output_specs: dict[str, tuple[str, tuple[int, ...]]],
         registered_model_name: str | None = None,
         metadata: dict | None = None,
+        model_description: str = "",
+        version_description: str = "",
     ):
         """Log ``model`` (state_dict + pyfunc wrapper) with a tensor signature.
 
         ``input_specs``/``output_specs`` map tensor names to (numpy dtype, shape with -1 for
-        free dimensions). Returns mlflow's ModelInfo (``model_id``, ``registered_model_version``).
+        free dimensions). When registered, ``model_description`` (what it predicts, inputs,
+        training data, metrics) becomes the registered model's description and
+        ``version_description`` the new version's. Returns mlflow's ModelInfo (``model_id``,
+        ``registered_model_version``).
         """
         import mlflow
         import numpy as np
@@ -249,6 +259,13 @@ class MlflowResource(dg.ConfigurableResource):
                 )
             if was_running:  # leaving the context finished the run; the caller still owns it
                 client.update_run(run_id, status="RUNNING")
+        if registered_model_name and info.registered_model_version:
+            if model_description:
+                client.update_registered_model(registered_model_name, description=model_description)
+            if version_description:
+                client.update_model_version(
+                    registered_model_name, str(info.registered_model_version), description=version_description
+                )
         return info
 
     def set_alias(self, model_name: str, alias: str, version: str | int) -> None:
@@ -261,6 +278,21 @@ class MlflowResource(dg.ConfigurableResource):
             return None
 
     # -- links ---------------------------------------------------------------------------
+    def dagster_run_url(self, run_id: str) -> str:
+        return f"{self.dagster_ui_url.rstrip('/')}/runs/{run_id}"
+
+    def dagster_note(self, tags: dict[str, str]) -> str:
+        """The MLflow run description (Markdown, ``mlflow.note.content``): a link back to the Dagster
+        run that produced the run, with the asset and partition."""
+        run_id = tags["dagster/run_id"]
+        lines = [f"Produced by Dagster run [{run_id[:8]}]({self.dagster_run_url(run_id)})"]
+        if tags.get("dagster/asset_key"):
+            lines[0] += f", asset `{tags['dagster/asset_key']}`"
+        if tags.get("dagster/partition_key"):
+            lines[0] += f", partition `{tags['dagster/partition_key']}`"
+        lines.append(f"git {tags.get('git_sha', '')[:12]}")
+        return "\n\n".join(lines) + "\n"
+
     def run_url(self, run_id: str, experiment_id: str | None = None) -> str:
         exp = experiment_id or self.experiment_id()
         return f"{self.ui_url.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"

@@ -520,3 +520,21 @@ def test_cli_pack_train_predict_need_only_torch_numpy_pandas_pyarrow(tmp_path):
     )
     run("predict", "--data", str(data), "--model", str(tmp_path / "model"), "--out", str(tmp_path / "pred"))
     assert sorted(p.name for p in (tmp_path / "pred").glob("pt_*.csv")) == ["pt_1.csv", "pt_2.csv", "pt_3.csv"]
+
+
+def test_champion_rule_needs_the_same_split_and_no_worse_task():
+    from ml.contour_dose.selection import champion_decision
+
+    champ = {"cache_digest": "d1", "test_dose_score": "3.0", "test_mean_dice": "0.70"}
+    assert champion_decision({"cache_digest": "d1", "test_dose_score": "2.5"}, None)["promote"]
+    # better dose, same contours -> promote; better dose bought with worse contours -> no
+    assert champion_decision({**champ, "test_dose_score": "2.8"}, champ)["promote"]
+    d = champion_decision({**champ, "test_dose_score": "2.5", "test_mean_dice": "0.60"}, champ)
+    assert not d["promote"] and "worse on test_mean_dice" in d["reason"]
+    assert not champion_decision(dict(champ), champ)["promote"]  # a tie keeps the champion
+    # a dose-only model compares on the dose score alone
+    dose_champ = {"cache_digest": "d1", "test_dose_score": "3.0"}
+    assert champion_decision({"cache_digest": "d1", "test_dose_score": "2.9"}, dose_champ)["promote"]
+    # another split: no comparison
+    d = champion_decision({**champ, "cache_digest": "d2", "test_dose_score": "1.0"}, champ)
+    assert not d["promote"] and "different data" in d["reason"]

@@ -11,7 +11,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from psqa_pipelines.constants import CONTOUR_DOSE_TRAINING, OWNER_ML
+from psqa_pipelines.constants import CHAMPION_ALIAS, CONTOUR_DOSE_TRAINING, OWNER_ML
 from psqa_pipelines.defs.contour_dose.training import TRAINED_VARIANTS
 from psqa_pipelines.lib.metadata import md_png, md_table
 from psqa_pipelines.resources import ComputeResource, MlflowResource, PsqaStorage
@@ -169,6 +169,68 @@ def contour_dose_evaluation(
         out_rows.append({**s.to_dict(), "evaluation_run_id": run_id, "model_version": p["model_version"]})
     context.add_output_metadata(meta)
     return pd.DataFrame(out_rows)
+
+
+@dg.asset(
+    group_name=CONTOUR_DOSE_TRAINING,
+    kinds={"mlflow", "parquet"},
+    owners=[OWNER_ML],
+    code_version="1",
+    description="Champion/challenger for every registered contour + dose model: the version just evaluated takes "
+    "the `champion` alias when it is no worse on every held-out task metric (OpenKBP dose score, mean Dice) and "
+    "better on one, against the champion evaluated on the same split (ml.contour_dose.selection); otherwise the "
+    "champion stays and the reason is recorded.",
+)
+def contour_dose_champion(
+    context: dg.AssetExecutionContext, mlflow: MlflowResource, contour_dose_evaluation: pd.DataFrame
+) -> pd.DataFrame:
+    from ml.contour_dose.selection import champion_decision
+    from psqa_pipelines.defs.contour_dose.training import registered_name
+
+    client = mlflow.client()
+    rows = []
+    for _, r in contour_dose_evaluation.iterrows():
+        version = str(r.get("model_version") or "")
+        if not version:
+            continue
+        name = registered_name(str(r["variant"]))
+        challenger = dict(client.get_model_version(name, version).tags)
+        current = mlflow.get_version_by_alias(name, CHAMPION_ALIAS)
+        before = str(current.version) if current is not None else ""
+        if before == version:
+            decision = {"promote": False, "reason": "already the champion"}
+        else:
+            decision = champion_decision(challenger, dict(current.tags) if current is not None else None)
+        if decision["promote"]:
+            mlflow.set_alias(name, CHAMPION_ALIAS, version)
+            client.set_model_version_tag(name, version, "promoted_by_dagster_run", context.run.run_id)
+        rows.append(
+            {
+                "variant": str(r["variant"]),
+                "registered_model": name,
+                "challenger_version": version,
+                "previous_champion": before,
+                "champion_version": version if decision["promote"] else before,
+                "promoted": bool(decision["promote"]),
+                "reason": decision["reason"],
+            }
+        )
+    out = pd.DataFrame(
+        rows,
+        columns=[
+            "variant",
+            "registered_model",
+            "challenger_version",
+            "previous_champion",
+            "champion_version",
+            "promoted",
+            "reason",
+        ],
+    )
+    context.add_output_metadata(
+        {"promoted": int(out["promoted"].sum()), "decisions": md_table(out.drop(columns=["registered_model"]))}
+    )
+    return out
 
 
 @dg.asset(

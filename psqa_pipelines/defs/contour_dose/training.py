@@ -172,6 +172,15 @@ def training_spec(variant: str) -> TrainingAssetSpec:
         datasets=datasets,
         model=model,
         registered_model_name=registered_name(variant),
+        model_description=(
+            f"{MODEL_NAMES[variant]} (`{variant}`, seed 002 contour + dose family, ml.contour_dose): "
+            f"{VARIANTS[variant]['arch'].upper()} on {', '.join(VARIANTS[variant]['inputs'])} -> "
+            f"{' + '.join(VARIANTS[variant]['tasks'])} ({', '.join(VARIANTS[variant]['rois'])}). Trained on the "
+            "contour + dose cache of the lake's OpenKBP head-and-neck patients (real CT, structures and doses; "
+            "patient-level split). Metrics on the held-out patients (`contour_dose_evaluation`, as version tags): "
+            "OpenKBP dose and DVH scores (Gy), mean Dice and HD95 (mm). Alias `champion`: moved by "
+            "`contour_dose_champion` when a version is no worse on every task and better on one, on the same split."
+        ),
         version_tags=lambda run: {"cache_digest": str(_cache(run.inputs)["digest"])},
         monitor_format=".5f",
         row=row,

@@ -320,6 +320,15 @@ glioma_model_spec = TrainingAssetSpec(
     datasets=_datasets,
     model=_model,
     registered_model_name=GLIOMA_MODEL_NAME,
+    model_description=(
+        "GMMAS multi-task glioma model (seed 003, ml.glioma): 2.5D axial slices of FLAIR, T1c, T1 and T2 (any subset; "
+        "a missing sequence is a zero fusion weight) -> FLAIR-abnormality mask + patient-level probabilities of IDH "
+        "mutation, 1p/19q codeletion, grade G3 and histology (temperature-calibrated; MC-dropout uncertainty). "
+        "Trained on the real TCGA-LGG cohort (lgg-mri, 88 patients, FLAIR/T1c/T1, T2 absent). Metrics: pooled 5-fold "
+        "out-of-fold Dice, AUC with bootstrap CIs, ECE (`glioma_evaluation`) against majority and radiomics baselines. "
+        "Research use only. Alias `champion`: moved by `glioma_champion` when the challenger's pooled out-of-fold "
+        "score is higher."
+    ),
     version_tags=_version_tags,
     artifacts=("history.csv", "config.json", "metrics.json", "calibration.json"),
     plots=_plots,

@@ -27,6 +27,15 @@ from psqa_pipelines.lib.training import (
 from psqa_pipelines.resources.compute import ComputePlan
 
 REGISTERED = {"bmmqa": PSQA_MODEL_NAME}
+BMMQA_DESCRIPTION = (
+    "BMMQA patient-specific IMRT QA (balanced multimodal multi-task; seed 001, ml.psqa.bmmqa). Inputs per plan: the "
+    "planned dose plane + fluence map (image) and the plan-complexity metrics (table). Outputs: gamma passing rates "
+    "at the QA criteria (%) and the dose-difference map (measured - planned, % of max). Trained on the lake's QA "
+    "programme (`psqa_pack`: RT Plans with their measured QA results, plan-level split). Metrics: held-out GPR MAE "
+    "per criterion and dose-difference error against the mean/single-modality/fusion baselines (`psqa_evaluation`), "
+    "Shapley modality contributions (`psqa_shapley_report`). Alias `champion`: moved by `psqa_champion` only when "
+    "a challenger beats the champion on the same held-out plans."
+)
 MODEL_ROW_COLUMNS = [
     "variant",
     "model_dir",
@@ -169,6 +178,7 @@ def training_spec(variant: str) -> TrainingAssetSpec:
         datasets=datasets,
         model=model,
         registered_model_name=REGISTERED.get(variant),
+        model_description=BMMQA_DESCRIPTION if variant in REGISTERED else "",
         version_tags=lambda run: {"pack_digest": str(_pack(run.inputs)["digest"])},
         monitor_format=".4f",
         artifacts=("history.csv", "config.json", "metrics.json", "tab_scaler.json"),
