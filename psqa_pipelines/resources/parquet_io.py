@@ -14,14 +14,15 @@ import pyarrow.parquet as pq
 from upath import UPath
 
 from ml.utils.io import write_parquet_atomic
-from psqa_pipelines.lib.column_docs import COLUMN_DOCS
+from psqa_pipelines.lib.column_docs import describe_column
 from psqa_pipelines.resources.storage import PsqaStorage
 
 
 def table_schema(df: pd.DataFrame) -> dg.TableSchema:
+    """Arrow type and description (``describe_column``: literal entry or name pattern) of each column."""
     schema = pa.Schema.from_pandas(df, preserve_index=False)
     return dg.TableSchema(
-        columns=[dg.TableColumn(name=f.name, type=str(f.type), description=COLUMN_DOCS.get(f.name)) for f in schema]
+        columns=[dg.TableColumn(name=f.name, type=str(f.type), description=describe_column(f.name)) for f in schema]
     )
 
 
