@@ -152,6 +152,8 @@ def ablation_table(
     table = pd.concat([table, pd.DataFrame(deltas, index=table.index)], axis=1)
     ref = table[table["variant"] == reference]
     for col in ("dice_mean", *(f"auc_{t}" for t in SUMMARY_TASKS), "score"):
+        if f"delta_{col}" in table:  # the paired estimate (patients both variants predicted) stays
+            continue
         base = float(ref[col].iloc[0]) if len(ref) else float("nan")
         table[f"delta_{col}"] = table[col] - base
     return table
