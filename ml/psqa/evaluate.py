@@ -5,7 +5,13 @@ GPR < 90 % (the action limit): MAE; failure detection at the 90 % action limit w
 predicted GPR as score: sensitivity, specificity (predicted < 90 = fail), ROC AUC
 (Mann-Whitney, ties counted half). DD maps: SSIM per plan (data range = range of the
 measured map, at least 1 %), reported as mean and max ("peak"), and MAE in % of max dose.
-Always compare against the predict-the-training-mean baseline: GPR distributions are skewed.
+Always compare against the constant baselines, predict-the-training-mean and
+predict-the-training-median: GPR distributions are skewed (a long tail of failing plans), and the
+median is the constant that minimises the MAE, so it is the harder of the two to beat in MAE.
+
+Seeds: ``seed_summary`` turns one table per training seed into mean and 95 % confidence
+half-width per model and metric (Student t-interval over the seeds, ``mean_ci``), the form every
+comparison table with 3-5 seeds per variant takes (``benchmarks/psqa_ablation.py --seeds``).
 
 Metrics only: every function here takes predictions (``ml.psqa.predict``), never a model.
 """
@@ -22,9 +28,13 @@ __all__ = [
     "dd_metrics",
     "evaluation_table",
     "gpr_metrics",
+    "mean_ci",
     "mean_predictor_metrics",
+    "median_predictor_metrics",
     "pearson",
     "roc_auc",
+    "seed_summary",
+    "seed_summary_markdown",
     "shapley_summary",
     "spearman",
     "split_metrics",
@@ -114,6 +124,64 @@ def mean_predictor_metrics(train_labels: pd.DataFrame, test_labels: pd.DataFrame
     return gpr_metrics(pred, test_labels[column].to_numpy())
 
 
+def median_predictor_metrics(train_labels: pd.DataFrame, test_labels: pd.DataFrame, column: str) -> dict[str, float]:
+    """The predict-the-training-median baseline: the best constant in MAE (GPR is skewed)."""
+    pred = np.full(len(test_labels), float(train_labels[column].median()))
+    return gpr_metrics(pred, test_labels[column].to_numpy())
+
+
+def mean_ci(values, level: float = 0.95) -> tuple[float, float]:
+    """(mean, half-width of the two-sided Student t-interval at ``level``) of ``values`` (e.g. one
+    metric over training seeds); NaN values are ignored; the half-width is NaN for fewer than 2."""
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    mean = float(x.mean())
+    if len(x) < 2:
+        return mean, float("nan")
+    sem = float(x.std(ddof=1)) / np.sqrt(len(x))
+    return mean, float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * sem)
+
+
+def seed_summary(tables: pd.DataFrame, metrics: list[str] | None = None, level: float = 0.95) -> pd.DataFrame:
+    """Mean and CI half-width over seeds per model: ``tables`` stacks one comparison table per seed
+    (columns ``seed``, ``model`` and metric columns, e.g. ``ablation_table`` outputs); the result has
+    one row per model (first-seen order) with ``n_seeds``, ``<metric>`` (mean) and
+    ``<metric> CI95`` (the t-interval half-width, ``mean_ci``; the suffix follows ``level``)."""
+    if metrics is None:
+        metrics = [c for c in tables.columns if c not in ("seed", "model") and pd.api.types.is_numeric_dtype(tables[c])]
+    suffix = f" CI{round(100 * level)}"
+    rows = []
+    for model, g in tables.groupby("model", sort=False):
+        row: dict = {"model": model, "n_seeds": int(g["seed"].nunique())}
+        for m in metrics:
+            mean, half = mean_ci(g[m].to_numpy(dtype=float), level)
+            row[m], row[m + suffix] = mean, half
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def seed_summary_markdown(summary: pd.DataFrame, metrics: list[str], fmt: str = ".3f", level: float = 0.95) -> str:
+    """The ``seed_summary`` as a markdown table of ``mean ± half-width`` cells."""
+    suffix = f" CI{round(100 * level)}"
+    cells = pd.DataFrame({"model": summary["model"], "seeds": summary["n_seeds"]})
+    for m in metrics:
+        if m not in summary:
+            continue
+
+        def cell(r, m=m):
+            mean, half = r[m], r[m + suffix]
+            if not np.isfinite(mean):
+                return "—"
+            return f"{mean:{fmt}} ± {half:{fmt}}" if np.isfinite(half) else f"{mean:{fmt}}"
+
+        cells[m] = summary.apply(cell, axis=1)
+    return cells.to_markdown(index=False)
+
+
 def split_metrics(
     pred: pd.DataFrame, dd_pred: np.ndarray | None, rows: pd.DataFrame, true_dd: np.ndarray | None, split: str = "test"
 ) -> dict:
@@ -138,10 +206,11 @@ def ablation_table(
     true_dd: np.ndarray,
     train_rows: pd.DataFrame,
 ) -> pd.DataFrame:
-    """One row per model (+ the mean predictor): the issue's comparison on the test split.
+    """One row per model (+ the mean and the median predictor): the comparison on the test split.
 
     ``predictions``: {model: (GPR frame, DD maps)} from ``ml.psqa.predict.predict_models`` on the
-    rows ``rows_t`` (whose measured DD maps are ``true_dd``); ``train_rows`` give the mean predictor.
+    rows ``rows_t`` (whose measured DD maps are ``true_dd``); ``train_rows`` give the constant
+    predictors (training mean, training median).
     """
     from ml.psqa.dataset import CRITERIA, LABEL_COLUMNS
 
@@ -166,26 +235,27 @@ def ablation_table(
             d = dd_metrics(dd, true_dd)
             row.update({"DD SSIM mean": d["ssim_mean"], "DD SSIM max": d["ssim_max"], "DD MAE (%)": d["mae"]})
         rows.append(row)
-    base: dict = {"model": "mean predictor"}
-    for col, crit in zip(LABEL_COLUMNS, CRITERIA, strict=True):
-        base[f"MAE {crit}"] = mean_predictor_metrics(train_rows, rows_t, col)["mae"]
-    m22 = mean_predictor_metrics(train_rows, rows_t, "gpr_2_2")
-    base["MAE GPR<90 (2%/2mm)"] = m22["mae_fail"]
-    rows.append(base)
+    for name, fn in (("mean predictor", mean_predictor_metrics), ("median predictor", median_predictor_metrics)):
+        base: dict = {"model": name}
+        for col, crit in zip(LABEL_COLUMNS, CRITERIA, strict=True):
+            base[f"MAE {crit}"] = fn(train_rows, rows_t, col)["mae"]
+        base["MAE GPR<90 (2%/2mm)"] = fn(train_rows, rows_t, "gpr_2_2")["mae_fail"]
+        rows.append(base)
     return pd.DataFrame(rows)
 
 
 def shapley_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean contributions per split and task, with the normalised share of each modality
-    (positive parts normalised to 1, as the balancer's psi)."""
+    """Mean contributions per split and task, with each modality's share psi of them
+    (``ml.psqa.shapley.contribution_shares``, the balancer's rule: signed, a modality that hurts
+    has a negative share)."""
+    from ml.psqa.shapley import contribution_shares
+
     if table.empty:
         return pd.DataFrame(columns=["split", "task", "phi_image", "phi_table", "share_image", "share_table", "n"])
     g = table.groupby(["split", "task"], sort=True)
     out = g[["phi_image", "phi_table"]].mean().reset_index()
-    pos = out[["phi_image", "phi_table"]].clip(lower=0)
-    tot = pos.sum(axis=1).replace(0, np.nan)
-    out["share_image"] = (pos["phi_image"] / tot).fillna(0.5)
-    out["share_table"] = (pos["phi_table"] / tot).fillna(0.5)
+    shares = contribution_shares(out[["phi_image", "phi_table"]].to_numpy(dtype=float).T)
+    out["share_image"], out["share_table"] = shares[0], shares[1]
     out["n"] = g.size().to_numpy()
     return out
 

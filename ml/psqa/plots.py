@@ -55,7 +55,8 @@ def bland_altman_png(pred: np.ndarray, true: np.ndarray, title: str) -> bytes:
 
 
 def contribution_curves_png(history: pd.DataFrame, title: str = "") -> bytes:
-    """psi (normalised Shapley contribution) per task and modality, task weights and attention."""
+    """psi (share of the Shapley contributions, signed: below 0 the modality hurts, see
+    ``ml.psqa.shapley.contribution_shares``) per task and modality, task weights and attention."""
     plt, fig, axes = figure_grid(1, 3, 3.0)
     e = history["epoch"]
     for ax, task in zip(axes[0][:2], ("gpr", "dd"), strict=True):
@@ -63,8 +64,9 @@ def contribution_curves_png(history: pd.DataFrame, title: str = "") -> bytes:
             col = f"psi_{task}_{m}"
             if col in history:
                 ax.plot(e, history[col], color=c, label=m)
-        ax.set_title(f"Shapley contribution, task {task.upper()}", fontsize=8)
-        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(f"Shapley contribution share, task {task.upper()}", fontsize=8)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.axhline(1, color="k", lw=0.5, ls=":")
         ax.set_xlabel("epoch", fontsize=7)
         _legend(ax)
         ax.tick_params(labelsize=6)

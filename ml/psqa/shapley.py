@@ -12,6 +12,30 @@ exists to prove the fast path exact (tests) and to measure the saving (benchmark
 Value function (regression, BMMQA default [I]): ``v_t(S) = -error_t(y_hat_S, y)`` per sample,
 with error = mean |GPR error| over criteria (task gpr) or mean |DD error| over pixels (task dd).
 By efficiency, sum_m phi_m = v(M) - v(empty).
+
+Where the balancer measures them (``eval_shapley``): on plans the step does not train on (a
+held-out part of the training split, ``ml.psqa.train``) and with the whole network in eval mode
+(BatchNorm running statistics, no dropout), the way the model will be used. Training with
+modality dropout keeps the coalition outputs (a modality zeroed) in distribution.
+
+From contributions to shares (``contribution_shares``, the psi of the balancer; rule [I], the paper
+gives none): ``psi_m = phi_m / D`` with ``D = max(sum_m phi_m, 1/2 sum_m |phi_m|)``.
+
+* When the modalities together help (``sum phi >= 1/2 sum |phi|``, the usual case) psi_m is the
+  modality's share of the joint gain ``v(M) - v(empty)``: the shares add up to 1 (efficiency), and
+  with two helpful modalities this is the spec's ``phi_m / sum |phi|`` (seed-methods §A.4 step 3).
+* A negative contribution is kept, not clipped: the modality that hurts gets a negative share and
+  the other one a share above 1, so psi stays ordered like phi and strictly monotone in each phi_m
+  through zero (clipping mapped every phi_m <= 0 to 0, hence an infinite ratio and the floor
+  factor for the *helpful* modality).
+* The ``1/2 sum |phi|`` floor keeps psi bounded (|psi_m| <= 2) when the gains cancel (the joint
+  gain near zero) or are all negative; there psi_m = 2 phi_m / sum |phi| keeps the order.
+* All contributions zero: equal shares 1/M.
+
+The dominance of modality m is ``delta_m = psi_m - max_{m' != m} psi_m'`` (in [-2, 2]); the loss
+factors and task weights of ``ml.psqa.train.Balancer`` are functions of delta. For two modalities
+delta is 2 psi_m - 1 when both help, exactly 1 when the other contributes nothing, and grows to 2
+as the other one hurts more (up to a third of the helpful one's gain).
 """
 
 from __future__ import annotations
@@ -19,17 +43,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ml.psqa.bmmqa import AttentionFusion, coalition_masks
+from ml.training import autocast
 
 __all__ = [
     "MultiModalNet",
     "coalition_shapley",
+    "contribution_shares",
+    "dominance",
+    "eval_shapley",
     "naive_bmmqa_coalitions",
-    "normalised_contributions",
     "shapley_values",
     "shapley_weights",
     "task_errors",
@@ -61,9 +89,23 @@ def shapley_values(values: torch.Tensor) -> torch.Tensor:
     return torch.tensordot(w, values, dims=([1], [0]))
 
 
-def normalised_contributions(phi: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """psi_m = phi_m / sum_m |phi_m| (seed-methods §A.4 step 3)."""
-    return phi / (phi.abs().sum(dim=0, keepdim=True) + eps)
+def contribution_shares(phi, eps: float = 1e-12) -> np.ndarray:
+    """psi from Shapley contributions ``phi`` (M,) or (M, N) (module docstring):
+    ``phi_m / max(sum phi, 1/2 sum |phi|)``, signed; equal shares where every phi is zero."""
+    phi = np.asarray(phi, dtype=np.float64)
+    total = phi.sum(axis=0)
+    scale = np.maximum(total, 0.5 * np.abs(phi).sum(axis=0))
+    safe = np.where(scale > eps, scale, 1.0)
+    return np.where(scale > eps, phi / safe, 1.0 / phi.shape[0])
+
+
+def dominance(psi) -> np.ndarray:
+    """``delta_m = psi_m - max_{m' != m} psi_m'`` along axis 0 (> 0 only for the leading modality)."""
+    psi = np.asarray(psi, dtype=np.float64)
+    out = np.empty_like(psi)
+    for m in range(psi.shape[0]):
+        out[m] = psi[m] - np.delete(psi, m, axis=0).max(axis=0)
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -150,6 +192,31 @@ def naive_bmmqa_coalitions(model, image: torch.Tensor, table: torch.Tensor):
         key = tuple(m for m, on in zip(("image", "table"), mask.tolist(), strict=True) if on)
         out[key] = model.heads(enc, mask[None, :].expand(image.shape[0], -1))
     return out
+
+
+@torch.no_grad()
+def eval_shapley(
+    model,
+    image: torch.Tensor,
+    table: torch.Tensor,
+    gpr: torch.Tensor | None,
+    dd: torch.Tensor | None,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-task (M, B) Shapley values of a BMMQA on a batch, with the WHOLE network in eval mode
+    (BatchNorm running statistics, no dropout) and no gradient; the model's mode is restored.
+
+    The coalitions come from the fast forward (``BMMQA.coalitions``), equal to the 2^M separate
+    evaluations (``naive_bmmqa_coalitions``). The balancer calls it on held-out plans."""
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast(image.device, amp_dtype):
+            co = model.coalitions(image, table)
+        outs = {k: {kk: vv.float() for kk, vv in v.items()} for k, v in co.items()}
+        return coalition_shapley(outs, lambda o: task_errors(o, gpr, dd))
+    finally:
+        model.train(was_training)
 
 
 def task_errors(

@@ -182,13 +182,16 @@ def test_tabular_scaler_imputes_and_flags_missing():
 
 
 def test_training_learns_balances_and_resumes_exactly(pack, tmp_path):
-    cfg = TrainConfig(epochs=6, warmup_epochs=1, model=SMALL, patience=50)
+    cfg = TrainConfig(epochs=6, warmup_epochs=1, model=SMALL, patience=50, lr=1e-3)
     full = train(pack, tmp_path / "full", cfg, log=lambda *_: None)
     hist = pd.read_csv(tmp_path / "full" / "history.csv")
     assert hist["train_loss_gpr"].iloc[-1] < hist["train_loss_gpr"].iloc[0]
     assert hist["train_loss_dd"].iloc[-1] < hist["train_loss_dd"].iloc[0]
     assert {"psi_gpr_image", "psi_dd_table", "lambda_gpr", "k_gpr_image", "alpha_image"} <= set(hist.columns)
-    assert np.allclose(hist["psi_gpr_image"] + hist["psi_gpr_table"], 1.0)
+    assert {"loss_scale_gpr", "loss_scale_dd", "val_select_mae_gpr_2_2"} <= set(hist.columns)
+    psi = hist[["psi_gpr_image", "psi_gpr_table", "psi_dd_image", "psi_dd_table"]].to_numpy()
+    assert np.isfinite(psi).all() and (np.abs(psi) <= 2).all()  # signed shares, bounded
+    assert hist["val_select_mae_gpr_2_2"].iloc[0] != hist["val_select_mae_gpr_2_2"].iloc[0]  # NaN before balancing
     # stop by the time budget (checked after every step: here after the first step of epoch 0), then
     # resume mid-epoch from the checkpoint: same weights as the uninterrupted run
     part = TrainConfig(**{**cfg.to_dict(), "max_minutes": 0.0})
