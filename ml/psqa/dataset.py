@@ -12,9 +12,12 @@ torch/numpy/pandas/pyarrow)::
     meta.json         {"feature_columns": [...], "criteria": [...], "channels": [...],
                        "spacing_mm": s, "dd_units": "% of planned max"}
 
-Tabular preprocessing (fit on the train split only, stored with the model): median
+Tabular preprocessing (fit on the training plans only, stored with the model): median
 imputation, a 0/1 missingness column for every feature that has missing values in train,
-then z-scoring; constant columns get std 1.
+then z-scoring; constant columns get std 1. One-hot columns of categorical plan values
+(``<column>=<value>``, e.g. ``treatment_machine=LINAC_A``, ``ml.psqa.pack``) are ordinary 0/1
+features here; a pack that lacks one of the model's one-hot columns (a value it has never seen)
+reads it as 0.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 __all__ = [
     "CRITERIA",
     "LABEL_COLUMNS",
+    "ONE_HOT_SEP",
     "PRIMARY",
     "Pack",
     "TabularScaler",
@@ -44,6 +48,7 @@ __all__ = [
 CRITERIA = ("3%/3mm", "3%/2mm", "2%/3mm", "2%/2mm")
 LABEL_COLUMNS = ("gpr_3_3", "gpr_3_2", "gpr_2_3", "gpr_2_2")
 PRIMARY = "gpr_2_2"  # early stopping / headline criterion
+ONE_HOT_SEP = "="  # one-hot feature columns are named <column>=<value>
 
 
 def criterion_column(criterion: str) -> str:
@@ -70,6 +75,11 @@ class TabularScaler:
         return cls(columns, med.tolist(), mean.tolist(), std.tolist(), ind)
 
     def transform(self, df: pd.DataFrame) -> np.ndarray:
+        absent = [c for c in self.columns if c not in df.columns]
+        if any(ONE_HOT_SEP not in c for c in absent):
+            raise KeyError(f"feature columns missing: {[c for c in absent if ONE_HOT_SEP not in c]}")
+        if absent:  # one-hot columns of values these rows never take
+            df = df.assign(**dict.fromkeys(absent, 0.0))
         x = df[self.columns].astype("float64")
         miss = [x[c].isna().to_numpy(dtype=np.float32) for c in self.missing_indicators]
         x = x.fillna(pd.Series(self.median, index=self.columns))

@@ -7,10 +7,17 @@ delivered = ``DoseSummationType RECORD``) into:
 * labels: GPR at 3%/3mm, 3%/2mm, 2%/3mm, 2%/2mm (global, 10 % cutoff, reference = measured,
   evaluated = planned; ``ml.metrics.gamma``) for the composite and for every beam,
 * the dose-difference map (measured - planned, % of the planned maximum),
-* the plan's complexity features (``ml.psqa.complexity``).
+* the plan's complexity features (``ml.psqa.complexity``),
+* the machine identity (``machine_identity``): the treatment machine (``TreatmentMachineName`` of
+  the plan's beams; after de-identification a stable pseudonym) and the QA device that measured
+  it (``ManufacturerModelName`` + ``DeviceSerialNumber`` of the delivered RT Dose; the serial is
+  removed by de-identification, so the model name is what the lake keeps). Both are known before
+  QA and carry signal: each linac has its own beam-model residuals and its own detector array.
 
 ``build_pack`` gathers the planes of many plans into the ``ml.psqa.dataset`` pack format,
-block-averaging the 2D maps by ``downsample`` (128 x 128 at 2 mm -> 64 x 64 at 4 mm by default).
+block-averaging the 2D maps by ``downsample`` (128 x 128 at 2 mm -> 64 x 64 at 4 mm by default),
+and one-hot codes the categorical plan columns (``MACHINE_COLUMNS``) into 0/1 feature columns
+``<column>=<value>`` (``one_hot_columns``) beside the complexity metrics of the tabular modality.
 """
 
 from __future__ import annotations
@@ -22,11 +29,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ml.psqa.dataset import CRITERIA, LABEL_COLUMNS, criterion_column, write_pack
+from ml.psqa.dataset import CRITERIA, LABEL_COLUMNS, ONE_HOT_SEP, criterion_column, write_pack
 
-__all__ = ["GAMMA_CRITERIA", "PlanQA", "build_pack", "compute_plan_qa", "save_planes"]
+__all__ = [
+    "GAMMA_CRITERIA",
+    "MACHINE_COLUMNS",
+    "PlanQA",
+    "build_pack",
+    "compute_plan_qa",
+    "machine_identity",
+    "one_hot_columns",
+    "save_planes",
+]
 
 GAMMA_CRITERIA = ((3, 3), (3, 2), (2, 3), (2, 2))
+#: categorical plan-level columns (strings) that enter the tabular modality one-hot coded
+MACHINE_COLUMNS = ("treatment_machine", "qa_device")
 
 
 @dataclass
@@ -41,6 +59,7 @@ class PlanQA:
     plan_metrics: dict[str, float] = field(default_factory=dict)
     beam_metrics: list[dict] = field(default_factory=list)
     n_beams: int = 0
+    machine: dict[str, str] = field(default_factory=dict)  # MACHINE_COLUMNS -> value ("" unknown)
 
 
 def _plane(ds) -> tuple[np.ndarray, float]:
@@ -55,6 +74,44 @@ def _plane(ds) -> tuple[np.ndarray, float]:
     if abs(ps[0] - ps[1]) > 1e-6:
         raise ValueError("QA planes need square pixels")
     return arr.astype(np.float32), ps[0]
+
+
+def machine_identity(plan, dose_datasets: list = ()) -> dict[str, str]:
+    """``{"treatment_machine", "qa_device"}`` of a plan (``ml.psqa.plan.Plan``) and its RT Dose
+    datasets: the beams' most frequent ``TreatmentMachineName`` and the device of the first
+    delivered (``RECORD``) plane, ``ManufacturerModelName`` plus ``DeviceSerialNumber`` when the
+    serial is present and not already part of the model name; "" where unknown."""
+    from collections import Counter
+
+    names = [b.treatment_machine.strip() for b in plan.beams if b.treatment_machine and b.treatment_machine.strip()]
+    machine = Counter(names).most_common(1)[0][0] if names else ""
+    device = ""
+    for ds in dose_datasets:
+        if str(ds.get("DoseSummationType", "")).upper() != "RECORD":
+            continue
+        model = str(ds.get("ManufacturerModelName", "") or "").strip()
+        serial = str(ds.get("DeviceSerialNumber", "") or "").strip()
+        device = model if not serial or serial in model.split() else f"{model} {serial}".strip()
+        if device:
+            break
+    return {"treatment_machine": machine, "qa_device": device}
+
+
+def one_hot_columns(df: pd.DataFrame, columns=MACHINE_COLUMNS) -> tuple[pd.DataFrame, list[str]]:
+    """``df`` with a 0/1 column ``<column>=<value>`` per distinct non-empty value of each of
+    ``columns`` present (sorted), and the names of those columns. Empty or missing values get 0
+    everywhere (an unknown machine is no machine)."""
+    out = df.copy()
+    names: list[str] = []
+    for col in columns:
+        if col not in df.columns:
+            continue
+        vals = df[col].fillna("").astype(str).str.strip()
+        for v in sorted(set(vals) - {""}):
+            name = f"{col}{ONE_HOT_SEP}{v}"
+            out[name] = (vals == v).astype("float64")
+            names.append(name)
+    return out, names
 
 
 def compute_plan_qa(plan_ds, dose_datasets: list, gamma_kwargs: dict | None = None) -> PlanQA:
@@ -114,6 +171,7 @@ def compute_plan_qa(plan_ds, dose_datasets: list, gamma_kwargs: dict | None = No
         plan_metrics=plan_row,
         beam_metrics=beam_rows,
         n_beams=len(plan.beams),
+        machine=machine_identity(plan, dose_datasets),
     )
 
 
@@ -149,9 +207,14 @@ def build_pack(
     lake_dir: str | os.PathLike,
     feature_columns: list[str],
     downsample: int = 2,
+    categorical_columns=MACHINE_COLUMNS,
 ) -> Path:
     """``planes``: plan_key, path (npz relative to ``lake_dir``); ``labels``: plan_key + gpr_*;
-    ``split``: plan_key, split. Plans missing any piece are left out."""
+    ``split``: plan_key, split. Plans missing any piece are left out. ``categorical_columns`` of
+    ``features`` (those present) are one-hot coded (``one_hot_columns``, over every plan of the
+    pack) and appended to the feature columns."""
+    features, one_hot = one_hot_columns(features, categorical_columns)
+    feature_columns = [*feature_columns, *one_hot]
     df = (
         split[["plan_key", "patient_id", "split"]]
         .merge(labels[["plan_key", *LABEL_COLUMNS]], on="plan_key")
@@ -175,6 +238,7 @@ def build_pack(
     table = df.drop(columns=["path"])
     meta = {
         "feature_columns": list(feature_columns),
+        "one_hot_columns": one_hot,
         "criteria": list(CRITERIA),
         "label_columns": [criterion_column(c) for c in CRITERIA],
         "channels": ["planned_dose_rel", "fluence_rel"],

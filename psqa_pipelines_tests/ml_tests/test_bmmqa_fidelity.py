@@ -345,3 +345,54 @@ def test_ablation_table_has_the_median_predictor_beside_the_mean():
 
 
 # -- 5. machine identity as a plan-level feature --------------------------------------------------
+def test_machine_identity_is_one_hot_in_the_pack_and_the_scaler(tmp_path):
+    from ml.psqa.dataset import LABEL_COLUMNS, TabularScaler, load_pack
+    from ml.psqa.pack import MACHINE_COLUMNS, build_pack, one_hot_columns
+
+    n = 6
+    machines = ["LINAC_A", "LINAC_B", "LINAC_A", "LINAC_C", "", "LINAC_B"]
+    features = pd.DataFrame(
+        {
+            "plan_key": [f"p{i}" for i in range(n)],
+            "mcs": np.linspace(0.2, 0.5, n),
+            "treatment_machine": machines,
+            "qa_device": ["ArrayQA SN1" if m in ("LINAC_A", "LINAC_B") else "Diode SN2" for m in machines],
+        }
+    )
+    coded, names = one_hot_columns(features, MACHINE_COLUMNS)
+    assert names == [
+        "treatment_machine=LINAC_A",
+        "treatment_machine=LINAC_B",
+        "treatment_machine=LINAC_C",
+        "qa_device=ArrayQA SN1",
+        "qa_device=Diode SN2",
+    ]
+    assert coded["treatment_machine=LINAC_A"].tolist() == [1, 0, 1, 0, 0, 0]
+    assert coded.loc[4, names[:3]].sum() == 0  # unknown machine: all zeros
+
+    # the pack carries the one-hot columns as features of the tabular modality
+    planes, labels = [], []
+    for i in range(n):
+        rel = f"planes/{i}.npz"
+        (tmp_path / "planes").mkdir(exist_ok=True)
+        np.savez(
+            tmp_path / rel,
+            planned=np.ones((8, 8)),
+            fluence=np.ones((8, 8)),
+            dd=np.zeros((8, 8)),
+            spacing_mm=np.array([2.0]),
+        )
+        planes.append({"plan_key": f"p{i}", "path": rel})
+        labels.append({"plan_key": f"p{i}", **dict.fromkeys(LABEL_COLUMNS, 95.0)})
+    split = pd.DataFrame({"plan_key": [f"p{i}" for i in range(n)], "patient_id": "x", "split": "train"})
+    build_pack(tmp_path / "pack", pd.DataFrame(planes), features, pd.DataFrame(labels), split, tmp_path, ["mcs"])
+    pack = load_pack(tmp_path / "pack")
+    assert pack.feature_columns == ["mcs", *names] and pack.meta["one_hot_columns"] == names
+    assert pack.table.set_index("plan_key").loc["p3", "treatment_machine=LINAC_C"] == 1.0
+    # a model's scaler reads rows that lack one of its one-hot columns as 0 for that column
+    scaler = TabularScaler.fit(pack.table, pack.feature_columns)
+    x = scaler.transform(pack.table.drop(columns=["treatment_machine=LINAC_C"]))
+    ref = scaler.transform(pack.table.assign(**{"treatment_machine=LINAC_C": 0.0}))
+    assert np.allclose(x, ref)
+    with pytest.raises(KeyError):
+        scaler.transform(pack.table.drop(columns=["mcs"]))

@@ -130,6 +130,21 @@ def test_valid_dicom_and_plan(batch0):
         assert kinds == expected
 
 
+def test_plan_carries_treatment_machine_and_qa_device_identity(batch0):
+    """Every beam of the RT Plan names its treatment machine (as real plans do); the QA planes carry
+    the device; ``compute_plan_qa`` returns both as the plan's machine identity."""
+    from ml.psqa.pack import compute_plan_qa
+
+    out, summary = batch0
+    devices = {lin.name: lin.device for lin in S.LINACS}
+    for s in summary:
+        rp_path, rd_paths = _plan_files(out, s)
+        rp = pydicom.dcmread(rp_path)
+        assert [b.TreatmentMachineName for b in rp.BeamSequence] == [s["linac"]] * s["n_beams"]
+        qa = compute_plan_qa(rp, [pydicom.dcmread(p) for p in rd_paths])
+        assert qa.machine == {"treatment_machine": s["linac"], "qa_device": devices[s["linac"]]}
+
+
 def test_composites_are_beam_sums(batch0):
     out, summary = batch0
     s = summary[0]

@@ -58,9 +58,10 @@ def _crit_col(criterion: str) -> str:
             group_name=PSQA,
             kinds={"parquet"},
             owners=[OWNER_PHYSICS],
-            code_version="1",
+            code_version="2",
             description="Plan-level complexity metrics (MCS, LSV, AAV, SAS, edge metric, "
-            "leaf travel, PI/PM, MU/Gy, jaws, MI ...) of every RT Plan in the study.",
+            "leaf travel, PI/PM, MU/Gy, jaws, MI ...) of every RT Plan in the study, with its treatment "
+            "machine (de-identified TreatmentMachineName) and QA device (model of the measuring array).",
         ),
         "beam_complexity": dg.AssetOut(
             group_name=PSQA,
@@ -95,7 +96,7 @@ def plan_qa(
     import pydicom
 
     from ml.data.dicom.headers import quiet_pydicom
-    from ml.psqa.pack import compute_plan_qa, save_planes
+    from ml.psqa.pack import compute_plan_qa, machine_identity, save_planes
 
     key = context.partition_key
     plans = study_series[study_series["modality"] == "RTPLAN"].sort_values("object_key")
@@ -126,14 +127,15 @@ def plan_qa(
 
             skipped.append({"plan_key": prow["object_key"], "reason": str(exc)})
             try:
-                brows, prow_m = complexity_tables(read_plan(plan_ds))
+                plan = read_plan(plan_ds)
+                brows, prow_m = complexity_tables(plan)
             except Exception as exc2:  # noqa: BLE001
                 skipped[-1]["reason"] += f"; complexity failed ({type(exc2).__name__})"
                 continue
-            cx_rows.append({**ident, **prow_m})
+            cx_rows.append({**ident, **prow_m, **machine_identity(plan, dose_ds)})
             beam_rows += [{**ident, **b} for b in brows]
             continue
-        cx_rows.append({**ident, **qa.plan_metrics})
+        cx_rows.append({**ident, **qa.plan_metrics, **qa.machine})
         beam_rows += [{**ident, **b} for b in qa.beam_metrics]
         dest = storage.lake / "psqa" / "planes" / key / f"{prow['object_key']}.npz"
         data = save_planes(dest, qa)
@@ -341,22 +343,38 @@ def psqa_pack(
     psqa_split: pd.DataFrame,
 ) -> pd.DataFrame:
     from ml.psqa.complexity import PLAN_METRICS
-    from ml.psqa.pack import build_pack
+    from ml.psqa.pack import MACHINE_COLUMNS, build_pack
 
     feature_columns = [c for c in PLAN_METRICS if c in psqa_features.columns]
+    categorical = [c for c in MACHINE_COLUMNS if c in psqa_features.columns]
     digest_src = json.dumps(
         {
             "planes": psqa_planes[["plan_key", "sha256"]].values.tolist(),
             "split": psqa_split[["plan_key", "split"]].values.tolist(),
             "labels": psqa_labels[["plan_key", *LABEL_COLUMNS]].round(6).values.tolist(),
             "features": psqa_features[["plan_key", *feature_columns]].round(9).astype(str).values.tolist(),
+            **(
+                {"categorical": psqa_features[["plan_key", *categorical]].fillna("").astype(str).values.tolist()}
+                if categorical
+                else {}
+            ),
         },
         sort_keys=True,
     )
     digest = sha256_bytes(digest_src.encode())[:16]
     out = storage.lake / "psqa" / "packs" / digest
     if not (out / "meta.json").exists():
-        build_pack(out, psqa_planes, psqa_features, psqa_labels, psqa_split, storage.lake, feature_columns)
+        build_pack(
+            out,
+            psqa_planes,
+            psqa_features,
+            psqa_labels,
+            psqa_split,
+            storage.lake,
+            feature_columns,
+            categorical_columns=categorical,
+        )
+    meta = json.loads((out / "meta.json").read_text())
     table = pd.read_parquet(out / "dataset.parquet")
     counts = table["split"].value_counts().to_dict()
     context.add_output_metadata(
@@ -365,7 +383,8 @@ def psqa_pack(
             "digest": digest,
             "plans": len(table),
             **{f"n_{k}": int(v) for k, v in counts.items()},
-            "features": len(feature_columns),
+            "features": len(meta["feature_columns"]),
+            "one_hot_features": dg.MetadataValue.json(meta.get("one_hot_columns", [])),
         }
     )
     return pd.DataFrame(
