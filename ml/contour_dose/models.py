@@ -8,9 +8,9 @@ differ (``VARIANTS`` in ``ml.contour_dose.train`` picks them):
 * ``CTAN2D``: Multi-Automated. A shared encoder; per task and per stage an MTAN attention
   unit (Conv1x1-BN-ReLU-Conv1x1-BN-Sigmoid) whose input is the shared feature **and both
   tasks' previous attended features** (cross-task attention encoder, CTAE); at the bottleneck a
-  cross-task attention block (CTAB): each task's tokens attend to the other task's tokens
-  (8-head MHA, pre-LN, FFN); two task decoders of identical architecture with the task's own
-  attended skips.
+  cross-task attention block (CTAB): each task's tokens, with a fixed 2D sine-cosine positional
+  encoding added (spec §B.4; ``ctab_pos``), attend to the other task's tokens (8-head MHA, pre-LN,
+  FFN); two task decoders of identical architecture with the task's own attended skips.
 
 Defaults the papers do not state (named here, in the README and in ``ModelConfig``):
 
@@ -25,7 +25,16 @@ Defaults the papers do not state (named here, in the README and in ``ModelConfig
 * Normalisation: BatchNorm (batch 8-32 slices, as the papers' 2D setting); decoder upsampling
   is bilinear x2 followed by two Conv3x3-BN-ReLU.
 * 2.5D: ``in_channels`` counts stacked neighbouring CT slices plus any mask channels; the
-  product model uses 3 CT slices + PTV dose map + possible-dose mask (see ``train.VARIANTS``).
+  product model uses 3 CT slices + a soft-tissue window + PTV dose map + possible-dose mask (see
+  ``variants.VARIANTS``).
+* CTAB positional encoding: without one, the bottleneck (1x1 projections, per-token LayerNorm,
+  attention, per-token FFN) is permutation-equivariant over token positions, i.e. blind to
+  where a token sits. ``ctab_pos="sincos"`` (default) adds the fixed 2D sine-cosine encoding used by
+  MAE (He et al. 2022; half the channels encode the row, half the column, frequencies
+  ``1 / 10000^(2i/d)``) to the projected tokens of both tasks before the attention;
+  it is computed for any grid size (8x8 for 128^2 inputs, other sizes too) and has no weights.
+  ``"none"`` reproduces the earlier bottleneck; a model directory written before the option
+  existed loads with ``"none"`` (``ModelConfig.from_dict``).
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ __all__ = [
     "conv_bn_relu",
     "from_config",
     "n_parameters",
+    "sincos_2d",
 ]
 
 
@@ -81,7 +91,14 @@ class ModelConfig(WidthsConfig):
     ctae: bool = True  # cross-task (vs own-task only, as MTAN) encoder attention
     ctab_dim: int = 256
     ctab_heads: int = 8
+    ctab_pos: str = "sincos"  # positional encoding of the bottleneck tokens: sincos | none
     extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        d = dict(d)
+        d.setdefault("ctab_pos", "none")  # saved before the bottleneck had a positional encoding
+        return super().from_dict(d)
 
 
 def conv_bn_relu(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
@@ -200,12 +217,37 @@ class AttentionUnit(nn.Module):
         return self.net(x)
 
 
-class CrossTaskBottleneck(nn.Module):
-    """CTAB: X_t <- X_t + MHA(LN(X_t), LN(X_t'), LN(X_t')); X_t <- X_t + FFN(LN(X_t)) for each task."""
+def sincos_2d(h: int, w: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """[h * w, dim] 2D sine-cosine positional encoding (row-major tokens, as ``flatten(2)``): the
+    first dim/2 channels encode the row, the rest the column, each half as sin | cos of
+    ``pos / 10000^(2i / (dim/2))``."""
+    if dim % 4:
+        raise ValueError(f"sincos_2d needs dim divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, device=device, dtype=torch.float64) / quarter)
+    ys, xs = torch.meshgrid(
+        torch.arange(h, device=device, dtype=torch.float64),
+        torch.arange(w, device=device, dtype=torch.float64),
+        indexing="ij",
+    )
+    parts = []
+    for pos in (ys.reshape(-1), xs.reshape(-1)):
+        arg = pos[:, None] * omega[None]
+        parts += [arg.sin(), arg.cos()]
+    return torch.cat(parts, dim=1).to(dtype)
 
-    def __init__(self, channels: int, dim: int, heads: int, tasks: tuple[str, ...]) -> None:
+
+class CrossTaskBottleneck(nn.Module):
+    """CTAB: X_t = proj(â_t) + PE; X_t <- X_t + MHA(LN(X_t), LN(X_t'), LN(X_t')); X_t <- X_t + FFN(LN(X_t))
+    for each task (PE: ``sincos_2d`` when ``pos == "sincos"``, nothing for ``"none"``)."""
+
+    def __init__(self, channels: int, dim: int, heads: int, tasks: tuple[str, ...], pos: str = "sincos") -> None:
         super().__init__()
+        if pos not in ("sincos", "none"):
+            raise ValueError(f"ctab_pos must be sincos or none, not {pos!r}")
         self.tasks = tasks
+        self.pos = pos
+        self.dim = dim
         self.proj_in = nn.ModuleDict({t: nn.Conv2d(channels, dim, 1) for t in tasks})
         self.proj_out = nn.ModuleDict({t: nn.Conv2d(dim, channels, 1) for t in tasks})
         self.ln_q = nn.ModuleDict({t: nn.LayerNorm(dim) for t in tasks})
@@ -220,11 +262,15 @@ class CrossTaskBottleneck(nn.Module):
             nn.init.zeros_(self.proj_out[t].bias)
 
     def forward(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        tokens, shape = {}, None
+        tokens, shape, pe = {}, None, None
         for t in self.tasks:
             y = self.proj_in[t](feats[t])
             shape = y.shape
             tokens[t] = y.flatten(2).transpose(1, 2)  # [B, N, dim]
+            if self.pos == "sincos":
+                if pe is None:
+                    pe = sincos_2d(shape[-2], shape[-1], self.dim, device=y.device, dtype=tokens[t].dtype)
+                tokens[t] = tokens[t] + pe
         out = {}
         for i, t in enumerate(self.tasks):
             other = self.tasks[1 - i] if len(self.tasks) == 2 else t
@@ -259,7 +305,7 @@ class CTAN2D(nn.Module):
                 if j > 0:
                     bridges.append(conv_bn_relu(w[j - 1], c, 3, stride=2))
             self.att[t], self.bridge[t] = units, bridges
-        self.ctab = CrossTaskBottleneck(w[-1], cfg.ctab_dim, cfg.ctab_heads, names) if cfg.ctab else None
+        self.ctab = CrossTaskBottleneck(w[-1], cfg.ctab_dim, cfg.ctab_heads, names, cfg.ctab_pos) if cfg.ctab else None
         self.decoders = nn.ModuleDict({t: Decoder(w, c) for t, c in self.tasks.items()})
         _init_heads(self.decoders)
 
