@@ -5,7 +5,9 @@ not be promoted. Checks lineage in MLflow and the champion alias."""
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -75,6 +77,10 @@ def test_psqa_two_rounds_lineage_and_champion(simulated, storage, tmp_path, monk
     features = pd.read_parquet(storage.tables / "psqa_features.parquet")
     assert len(labels) == ROUND1 and len(features) == ROUND1
     assert features["mcs"].between(0, 1).all() and (features["total_mu"] > 0).all()
+    # the machine identity: a de-identified treatment-machine pseudonym and the QA device's model
+    assert features["treatment_machine"].str.startswith("M-").all() and (features["qa_device"] != "").all()
+    linacs = {str(s["linac"]) for s in s1}
+    assert features["treatment_machine"].nunique() == len(linacs)
     # our gamma labels reproduce the clinic's composite GPRs (same planes, CSV rounded to 0.1 %)
     agreement = pd.read_parquet(storage.tables / "qa_label_agreement.parquet")
     assert len(agreement) == 3 * ROUND1 and agreement["diff_pp"].abs().max() <= 0.06
@@ -107,9 +113,12 @@ def test_psqa_two_rounds_lineage_and_champion(simulated, storage, tmp_path, monk
     assert "val_mae_gpr_2_2" in run.data.metrics and "test_shapley_gpr_image" in run.data.metrics
     arts = {a.path for a in client.list_artifacts(bm1["mlflow_run_id"], "shapley")}
     assert {"shapley/contributions.png", "shapley/summary.md"} <= arts
-    # evaluation: one row per variant + the mean predictor, linked to the model version
+    # the pack's tabular modality holds the machine one-hot columns
+    meta = json.loads((Path(bm1["model_dir"]) / "tab_scaler.json").read_text())
+    assert sum(c.startswith("treatment_machine=") for c in meta["columns"]) == len(linacs)
+    # evaluation: one row per variant + the mean and median predictors, linked to the model version
     ev = res.output_for_node("psqa_evaluation")
-    assert set(ev["model"]) == set(VARIANTS) | {"mean predictor"}
+    assert set(ev["model"]) == set(VARIANTS) | {"mean predictor", "median predictor"}
     assert np.isfinite(ev.loc[ev["model"] == "bmmqa", "MAE 2%/2mm"]).all()
     version = client.get_model_version(PSQA_MODEL_NAME, "1")
     assert version.tags["evaluation_run"] == ev["evaluation_run_id"].iloc[0] and "test_mae_2_2" in version.tags

@@ -1,6 +1,7 @@
 """Evaluation, Shapley report and champion/challenger promotion of the PSQA models.
 
-* ``psqa_evaluation``: the ablation table (BMMQA vs every baseline and the mean predictor) on
+* ``psqa_evaluation``: the ablation table (BMMQA vs every baseline, the mean and the median
+  predictor) on
   the test split, per-criterion metrics of BMMQA, plots; one MLflow evaluation run whose metrics
   are linked to the BMMQA logged model, and the headline metrics as tags on its registered version.
 * ``psqa_shapley_report``: per-plan Shapley modality contributions (Parquet), contributions over
@@ -80,7 +81,7 @@ class PsqaEvaluationSettings(dg.Config):
     code_version="1",
     ins=MODEL_INS,
     description="Ablation table on the test split: BMMQA vs tabular-only, image-only, concatenation fusion, BMMQA "
-    "without balancing, single-task GPR and DD models and the mean predictor (MAE per criterion, GPR<90 % "
+    "without balancing, single-task GPR and DD models, the mean and the median predictor (MAE per criterion, GPR<90 % "
     "subset, AUC/sensitivity/specificity for failing plans, DD SSIM/MAE); plots; an MLflow evaluation run "
     "linked to the BMMQA model version.",
 )
@@ -213,6 +214,7 @@ def psqa_evaluation(
             ),
             "bmmqa_mae_2_2": float(headline.loc["bmmqa", "MAE 2%/2mm"]),
             "mean_predictor_mae_2_2": float(headline.loc["mean predictor", "MAE 2%/2mm"]),
+            "median_predictor_mae_2_2": float(headline.loc["median predictor", "MAE 2%/2mm"]),
             "n_test": len(test),
             "predicted_vs_measured": md_png(scatter, "predicted vs measured"),
             "bland_altman": md_png(ba, "Bland-Altman"),

@@ -32,7 +32,8 @@ BMMQA_DESCRIPTION = (
     "planned dose plane + fluence map (image) and the plan-complexity metrics (table). Outputs: gamma passing rates "
     "at the QA criteria (%) and the dose-difference map (measured - planned, % of max). Trained on the lake's QA "
     "programme (`psqa_pack`: RT Plans with their measured QA results, plan-level split). Metrics: held-out GPR MAE "
-    "per criterion and dose-difference error against the mean/single-modality/fusion baselines (`psqa_evaluation`), "
+    "per criterion and dose-difference error against the mean/median/single-modality/fusion baselines "
+    "(`psqa_evaluation`), "
     "Shapley modality contributions (`psqa_shapley_report`). Alias `champion`: moved by `psqa_champion` only when "
     "a challenger beats the champion on the same held-out plans."
 )
@@ -54,11 +55,23 @@ MODEL_ROW_COLUMNS = [
 
 
 class PsqaTrainSettings(dg.Config):
+    """The knobs of ``ml.psqa.train.TrainConfig`` exposed in the Launchpad (the rest keep its defaults)."""
+
     epochs: int = Field(default=60, description="maximum epochs")
     batch_size: int = 32
-    lr: float = 1e-3
-    patience: int = Field(default=15, description="early stopping patience (val MAE 2%/2mm)")
-    warmup_epochs: int = Field(default=5, description="epochs before Shapley balancing starts")
+    lr: float = Field(default=1e-4, description="AdamW learning rate (after the linear warm-up)")
+    lr_warmup: float = Field(default=0.05, description="linear lr warm-up, fraction of all training steps")
+    patience: int = Field(
+        default=15, description="early stopping patience (val MAE 2%/2mm), counted from the first selectable epoch"
+    )
+    warmup_epochs: int = Field(
+        default=5, description="epochs before Shapley balancing starts; model selection only from this epoch on"
+    )
+    modality_dropout: float = Field(default=0.2, description="probability of dropping each modality per plan")
+    shapley_holdout: float = Field(
+        default=0.1, description="fraction of the training plans held out for the Shapley contributions"
+    )
+    gpr_loss: str = Field(default="l1", description="GPR loss in percentage points: l1 | huber")
     seed: int = 0
     max_minutes: float | None = Field(default=None, description="time budget; the run resumes from its checkpoint")
     enc_widths: list[int] = Field(default=[32, 64, 128, 256], description="image encoder widths")
@@ -82,8 +95,12 @@ def training_spec(variant: str) -> TrainingAssetSpec:
             epochs=config.epochs,
             batch_size=config.batch_size,
             lr=config.lr,
+            lr_warmup=config.lr_warmup,
             patience=config.patience,
             warmup_epochs=config.warmup_epochs,
+            modality_dropout=config.modality_dropout,
+            shapley_holdout=config.shapley_holdout,
+            gpr_loss=config.gpr_loss,
             seed=config.seed,
             device=plan.device,
             amp=plan.amp_dtype if plan.amp_dtype != "off" else "off",
@@ -98,6 +115,8 @@ def training_spec(variant: str) -> TrainingAssetSpec:
             "pack_digest": _pack(run.inputs)["digest"],
             "n_train": run.metrics["n_train"],
             "n_val": run.metrics["n_val"],
+            "n_shapley_holdout": run.metrics.get("n_shapley_holdout", 0),
+            "selection_start_epoch": run.metrics.get("selection_start_epoch", 0),
         }
 
     def datasets(run: TrainingRun) -> list[DatasetToLog]:
