@@ -63,6 +63,12 @@ class LoadedModel:
     def rois(self) -> tuple[str, ...]:
         return tuple(self.config["rois"])
 
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The input names the model was trained with (its ``config.json``; a variant's default may
+        have changed since)."""
+        return tuple(self.config.get("inputs") or ())
+
 
 def load_model(model_dir: str | os.PathLike, device: str = "cpu") -> LoadedModel:
     model_dir = Path(model_dir)
@@ -82,7 +88,7 @@ def predict_labels(model_dir: str | os.PathLike, entries: list[Entry], device: t
     out = {}
     for e in entries:
         data = build_slices([e], lm.rois, lm.config["ct_norm"]["mean"], lm.config["ct_norm"]["std"])
-        probs = infer_slices(lm.model, data, lm.variant, 0, data.n, lm.device)["probs"]
+        probs = infer_slices(lm.model, data, lm.variant, 0, data.n, lm.device, inputs=lm.inputs or None)["probs"]
         out[e.patient_id] = probs.argmax(1).astype(np.uint8)
     return out
 
@@ -115,8 +121,10 @@ def infer_slices(
     batch_size: int = 32,
     amp: bool = False,
     tta_flip: bool = False,
+    inputs: tuple[str, ...] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Predict slices ``start:stop`` -> {"dose": [n,H,W] Gy (zero outside pdm), "probs": [n,K+1,H,W]}."""
+    """Predict slices ``start:stop`` -> {"dose": [n,H,W] Gy (zero outside pdm), "probs": [n,K+1,H,W]}.
+    ``inputs``: the model's input names (default: the variant's)."""
     rois = VARIANTS[variant]["rois"]
     perm = torch.tensor(lr_swap_index(rois), device=device)
     dose_parts, prob_parts = [], []
@@ -124,12 +132,12 @@ def infer_slices(
     model.eval()
     for i in range(start, stop, batch_size):
         idx = torch.arange(i, min(i + batch_size, stop), device=data.ct.device)
-        b = make_batch(data, idx, variant)
+        b = make_batch(data, idx, variant, inputs)
         x = b["x"].to(device)
         outs = [forward_probs(model, x, device, amp)]
         if tta_flip:
             xf = x.flip(-1)
-            for a, bb in mask_channel_slices(variant):
+            for a, bb in mask_channel_slices(variant, inputs):
                 if bb - a == len(rois):
                     src = torch.tensor([perm[j + 1].item() - 1 for j in range(len(rois))], device=device) + a
                     xf = torch.cat([xf[:, :a], xf[:, src], xf[:, bb:]], 1)
@@ -174,6 +182,7 @@ def predict_entry(lm: LoadedModel, entry: Entry, tta_flip: bool = False, batch_s
         batch_size=batch_size,
         amp=lm.device.type == "cuda",
         tta_flip=tta_flip,
+        inputs=lm.inputs or None,
     )
     out = {}
     if "dose" in res:

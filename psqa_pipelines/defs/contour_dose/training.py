@@ -3,9 +3,13 @@
 ``ml.contour_dose.train.train`` does the work (the same code as ``python -m ml contour-dose
 train`` on a GPU node). Hyper-parameters are a ``Config`` editable in the Launchpad; each
 model is registered as ``contour-dose-<variant>`` with tags linking the Dagster run, the
-cache digest and the model directory. Seq-Automated takes the contour-only model as input.
-The asset itself comes from the shared factory (``psqa_pipelines.lib.training``); this module is
-the contour + dose family's spec.
+cache digest and the model directory. Seq-Automated takes the contour-only model (the
+DL-Baseline) as input: it predicts the validation and test patients' masks, and k contour-only
+models trained with its configuration on k-1 folds of the training patients predict the held-out
+fold's (out-of-fold masks, ``ml.contour_dose.train``). Every model keeps the epoch with the best
+selection score (dose score and mean Dice, weighted, on every validation patient; the rule is in
+``metrics.json`` and the MLflow run). The asset itself comes from the shared factory
+(``psqa_pipelines.lib.training``); this module is the contour + dose family's spec.
 """
 
 from pathlib import Path
@@ -45,8 +49,28 @@ class ContourDoseTrainSettings(dg.Config):
     patience: int = 20
     augment: bool = True
     seed: int = 0
-    val_patients: int | None = Field(default=None, description="cap on validation volumes per epoch")
+    val_patients: int | None = Field(
+        default=None,
+        description="ignored (kept so older run configs load): every validation patient is validated",
+    )
     max_minutes: float | None = Field(default=None, description="time budget; a rerun resumes from the checkpoint")
+    partial_labels: bool = Field(
+        default=True, description="leave ROIs a patient has no contour for out of the contour loss (marginal loss)"
+    )
+    oversample_rate: float | None = Field(
+        default=None,
+        description="share of each epoch's slices per rare ROI (Brainstem, Esophagus, SpinalCord); "
+        "None: the variant's default (product 0.1, paper variants 0)",
+    )
+    class_weights: str | None = Field(
+        default=None, description="CE class weights: none | inv_sqrt_freq; None: the variant's default"
+    )
+    soft_window: bool | None = Field(
+        default=None, description="soft-tissue CT channel (W400/L40); None: the variant's default (product: on)"
+    )
+    oof_folds: int = Field(default=3, description="seq-automated: folds of out-of-fold predicted masks (0: in-sample)")
+    select_dose_weight: float = Field(default=0.5, description="model selection: weight of dose score / 10 Gy")
+    select_contour_weight: float = Field(default=0.5, description="model selection: weight of 1 - mean Dice")
 
 
 def registered_name(variant: str) -> str:
@@ -87,6 +111,13 @@ def training_spec(variant: str) -> TrainingAssetSpec:
             seed=config.seed,
             val_patients=config.val_patients,
             max_minutes=config.max_minutes,
+            partial_labels=config.partial_labels,
+            oversample_rate=config.oversample_rate,
+            class_weights=config.class_weights,
+            soft_window=config.soft_window,
+            oof_folds=config.oof_folds,
+            select_dose_weight=config.select_dose_weight,
+            select_contour_weight=config.select_contour_weight,
             device=plan.device,
             amp="bf16" if plan.amp_dtype != "off" else "off",
             contour_model=contour_model,
@@ -96,6 +127,8 @@ def training_spec(variant: str) -> TrainingAssetSpec:
         mcfg = run.model_config
         return {
             **{f"train.{k}": v for k, v in run.train_config.to_dict().items() if k != "extra"},
+            "selection_rule": mcfg["selection"]["rule"],
+            "pred_masks": (mcfg.get("pred_masks") or {}).get("source", "none"),
             **{f"model.{k}": v for k, v in mcfg["model"].items() if k != "extra"},
             "cache_digest": _cache(run.inputs)["digest"],
             "rois": ",".join(mcfg["rois"]),
@@ -163,7 +196,7 @@ def training_spec(variant: str) -> TrainingAssetSpec:
         train_config=train_config,
         data_dir=lambda inputs: _cache(inputs)["cache_dir"],
         model_subdir=f"contour_dose/{variant}",
-        monitor=lambda metrics: "best_val_loss",
+        monitor=lambda metrics: "best_selection_score",
         run_tags=lambda inputs: {
             "contour_dose/variant": variant,
             "contour_dose/cache_digest": str(_cache(inputs)["digest"]),
@@ -184,8 +217,23 @@ def training_spec(variant: str) -> TrainingAssetSpec:
         version_tags=lambda run: {"cache_digest": str(_cache(run.inputs)["digest"])},
         monitor_format=".5f",
         row=row,
-        metric_metadata=("train_slices_per_s", "peak_gpu_mem_gb", "val_dose_score", "val_mean_dice"),
-        history_columns=("epoch", "train_loss", "val_loss", "val_dose_score", "val_mean_dice", "lambda"),
+        metric_metadata=(
+            "train_slices_per_s",
+            "peak_gpu_mem_gb",
+            "best_val_loss",
+            "val_dose_score",
+            "val_mean_dice",
+            "n_val_patients",
+        ),
+        history_columns=(
+            "epoch",
+            "train_loss",
+            "val_loss",
+            "val_dose_score",
+            "val_mean_dice",
+            "val_selection_score",
+            "lambda",
+        ),
         history_rows=15,
     )
 
