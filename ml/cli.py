@@ -61,11 +61,22 @@ def _bmmqa(args: argparse.Namespace) -> int:
     if args.action == "train":
         from ml.psqa.train import TrainConfig, train
 
+        # unset options keep TrainConfig's defaults (lr 1e-4 with warm-up, L1 GPR loss, ...)
+        given = {
+            k: v
+            for k, v in {
+                "lr": args.lr,
+                "lr_warmup": args.lr_warmup,
+                "modality_dropout": args.modality_dropout,
+                "shapley_holdout": args.shapley_holdout,
+                "gpr_loss": args.gpr_loss,
+            }.items()
+            if v is not None
+        }
         cfg = TrainConfig(
             variant=args.variant,
             epochs=args.epochs,
             batch_size=args.batch_size,
-            lr=args.lr,
             seed=args.seed,
             device=args.device,
             max_minutes=args.max_minutes,
@@ -74,6 +85,7 @@ def _bmmqa(args: argparse.Namespace) -> int:
             checkpoint_minutes=args.checkpoint_minutes,
             log_every=args.log_every,
             model=json.loads(args.model_json) if args.model_json else {},
+            **given,
         )
         metrics = train(args.data, args.out, cfg)
         print(json.dumps(metrics))
@@ -362,10 +374,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bm.add_argument("--epochs", type=int, default=60)
     bm.add_argument("--batch-size", type=int, default=32)
-    bm.add_argument("--lr", type=float, default=1e-3)
+    bm.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4, the spec's)")
+    bm.add_argument("--lr-warmup", type=float, default=None, help="linear warm-up, fraction of all steps (0.05)")
+    bm.add_argument("--modality-dropout", type=float, default=None, help="per plan and modality (0.2)")
+    bm.add_argument(
+        "--shapley-holdout", type=float, default=None, help="training fraction held out for the contributions (0.1)"
+    )
+    bm.add_argument("--gpr-loss", choices=["l1", "huber"], default=None, help="GPR loss in points (l1)")
     bm.add_argument("--seed", type=int, default=0)
     bm.add_argument("--patience", type=int, default=15)
-    bm.add_argument("--warmup-epochs", type=int, default=5)
+    bm.add_argument("--warmup-epochs", type=int, default=5, help="epochs before the Shapley balancing starts")
     bm.add_argument("--device", default="auto")
     bm.add_argument("--max-minutes", type=float, default=None, help="time budget, checked after every step")
     _engine_options(bm)

@@ -36,6 +36,8 @@ COLUMN_DOCS = {
     "referenced_series_key": "image series an RTSTRUCT/RTDOSE belongs to",
     "referenced_object_key": "RT Plan an RTDOSE refers to",
     "dose_max": "maximum dose in the grid (DoseUnits)",
+    "treatment_machine": "treatment machine of the plan (keyed pseudonym M-... of TreatmentMachineName); a feature",
+    "qa_device": "QA device of the measurement (model + keyed pseudonym D-... of its serial); a plan feature",
     "path": "the row's file: relative to the lake root; glioma_training_data: to data_dir; contour_dose_*: absolute",
     "kind": (
         "volume kind ct | mask | dose | pdm | mr | seg; contour_dose_exports: rtdose | rtstruct | *_nifti | labels_json"

@@ -227,9 +227,15 @@ def test_cli_train_and_evaluate(pack, tmp_path):
         "2",
         "--model-json",
         json.dumps(SMALL),
+        "--gpr-loss",
+        "huber",
     ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+    # unset options keep the spec's defaults (lr 1e-4), given ones reach the config
+    trained = json.loads((out / "config.json").read_text())
+    trained = trained.get("train", trained)
+    assert trained["lr"] == 1e-4 and trained["gpr_loss"] == "huber"
     r = subprocess.run(
         [sys.executable, "-m", "ml", "bmmqa", "evaluate", "--data", str(pack), "--model", str(out)],
         capture_output=True,

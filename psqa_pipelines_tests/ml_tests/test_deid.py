@@ -344,3 +344,15 @@ def test_swap_left_right():
 def test_study_masks_are_not_trivial(study):
     # guards the fixture: the small study still has every ROI, so the name checks above mean something
     assert all(np.any(study.masks[n]) for n in study.roi_names)
+
+
+def test_device_serial_number_becomes_a_keyed_pseudonym(study):
+    """The QA device's serial (a PSQA plan feature) keeps one identity per device, never its value."""
+    out = []
+    for serial in ("SN-4711-ACME", "SN-4711-ACME", "SN-0815-ACME"):
+        ds = pydicom.dcmread(study.ct_files[0])
+        ds.DeviceSerialNumber = serial
+        DicomDeidentifier(Pseudonymizer("s1")).deidentify(ds)
+        assert b"4711" not in dataset_to_bytes(ds) and b"0815" not in dataset_to_bytes(ds)
+        out.append(ds.DeviceSerialNumber)
+    assert out[0] == out[1] != out[2] and out[0].startswith("D-")

@@ -111,7 +111,8 @@ BASIC_PROFILE: dict[tuple[int, int], str] = {
     (0x0010, 0x21B0): "X",  # Additional Patient History
     (0x0010, 0x21F0): "X",  # Patient's Religious Preference
     (0x0010, 0x4000): "X",  # Patient Comments
-    (0x0018, 0x1000): "X",  # Device Serial Number
+    # (0x0018, 0x1000) Device Serial Number: the profile's D option, a keyed pseudonym (see _walk), so a
+    # QA device keeps one identity across plans (a PSQA feature) without its serial leaving the inbox
     (0x0018, 0x1030): "X",  # Protocol Name
     (0x0018, 0x1400): "X",  # Acquisition Device Processing Description
     (0x0018, 0x4000): "X",  # Acquisition Comments
@@ -393,6 +394,9 @@ class DicomDeidentifier:
                     report.replaced += 1
                 elif keyword == "TreatmentMachineName":
                     elem.value = self.p.short("machine", str(elem.value or ""), "M-")[:16]
+                    report.replaced += 1
+                elif keyword == "DeviceSerialNumber":
+                    elem.value = self.p.short("device", str(elem.value or ""), "D-")[:16]
                     report.replaced += 1
                 elif keyword not in SAFE_TEXT:
                     del ds[tag]
