@@ -194,7 +194,11 @@ def _contour_dose(args: argparse.Namespace) -> int:
             patience=args.patience,
             augment=not args.no_augment,
             widths=tuple(int(w) for w in args.widths.split(",")),
-            val_patients=args.val_patients,
+            oof_folds=args.oof_folds,
+            partial_labels=not args.no_partial_labels,
+            soft_window={"on": True, "off": False, "variant": None}[args.soft_window],
+            oversample_rate=args.oversample_rate,
+            class_weights=args.class_weights,
             contour_model=str(args.contour_model) if args.contour_model else None,
             amp=args.amp,
             checkpoint_minutes=args.checkpoint_minutes,
@@ -432,7 +436,20 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--widths", default="32,64,128,256,512")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--patience", type=int, default=20)
-    tr.add_argument("--val-patients", type=int, default=None)
+    tr.add_argument(
+        "--oof-folds", type=int, default=3, help="seq-automated: folds of out-of-fold predicted masks (0: in-sample)"
+    )
+    tr.add_argument(
+        "--no-partial-labels", action="store_true", help="teach unannotated ROIs as background (the old loss)"
+    )
+    tr.add_argument(
+        "--soft-window",
+        choices=["variant", "on", "off"],
+        default="variant",
+        help="soft-tissue CT channel W400/L40 (variant: the product model has it)",
+    )
+    tr.add_argument("--oversample-rate", type=float, default=None, help="share of each epoch's slices per rare ROI")
+    tr.add_argument("--class-weights", default=None, help="none | inv_sqrt_freq (default: the variant's)")
     tr.add_argument("--no-augment", action="store_true")
     tr.add_argument("--device", default="auto")
     tr.add_argument("--max-minutes", type=float, default=None, help="time budget, checked after every step")

@@ -59,7 +59,6 @@ DEMO_CONTOUR_DOSE = {
     "steps_per_epoch": 10,
     "batch_size": 8,
     "widths": [8, 16, 32, 64, 128],
-    "val_patients": 2,
 }
 
 

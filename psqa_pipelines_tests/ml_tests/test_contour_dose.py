@@ -400,11 +400,18 @@ def test_cli_train_predict_writes_submission_csvs(tmp_path):
                 "4",
                 "--widths",
                 "4,8,16,32,64",
+                "--soft-window",
+                "off",
+                "--class-weights",
+                "none",
             ]
         )
         == 0
     )
     assert (model / "cache" / "meta.json").exists() and (model / "model_best.pt").exists()
+    trained = json.loads((model / "config.json").read_text())
+    trained = trained.get("train", trained)
+    assert trained["soft_window"] is False and trained["class_weights"] == "none"  # the CLI options arrive
     pred = tmp_path / "pred"
     assert (
         main(["contour-dose", "predict", "--data", str(data), "--model", str(model), "--out", str(pred), "--tta"]) == 0
