@@ -90,11 +90,9 @@ def demo_glioma_config(lgg_dir: Path) -> dict:
 
 def _demo_glioma(defs, instance, lgg_dir: Path) -> bool:
     print(f"glioma (GMMAS): {DEMO_GLIOMA_PATIENTS} lgg-mri patients, 2-fold CV of a tiny CPU model, evaluation, ...")
-    from psqa_pipelines.runner import with_console_info
+    from psqa_pipelines.runner import execute_in_location
 
-    res = defs.resolve_job_def("glioma_job").execute_in_process(
-        instance=instance, run_config=with_console_info(demo_glioma_config(lgg_dir)), raise_on_error=False
-    )
+    res = execute_in_location(defs, "glioma_job", instance, demo_glioma_config(lgg_dir), raise_on_error=False)
     if res.success:
         ev = res.output_for_node("glioma_evaluation")
         print(
@@ -125,7 +123,7 @@ def demo(
     from ml.data.synthetic import generate_hn_cohort
     from psqa_pipelines.definitions import build_defs, build_resources
     from psqa_pipelines.resources import PsqaStorage
-    from psqa_pipelines.runner import run_inbox_cycle, with_console_info
+    from psqa_pipelines.runner import execute_in_location, run_inbox_cycle
 
     t0 = time.perf_counter()
     init(home)
@@ -158,9 +156,7 @@ def demo(
 
             print("training BMMQA and its baselines (small CPU configuration), evaluating, promoting ...")
             run_config = {"ops": {a.key.to_user_string(): {"config": DEMO_TRAINING} for a in training_assets}}
-            res = defs.resolve_job_def("train_psqa").execute_in_process(
-                instance=instance, run_config=with_console_info(run_config), raise_on_error=False
-            )
+            res = execute_in_location(defs, "train_psqa", instance, run_config, raise_on_error=False)
             train_ok = res.success
             if res.success:
                 ev = res.output_for_node("psqa_evaluation")
@@ -182,9 +178,7 @@ def demo(
 
             print("training the contour + dose family (tiny CPU models), evaluating, exporting DICOM ...")
             run_config = {"ops": {a.key.to_user_string(): {"config": DEMO_CONTOUR_DOSE} for a in cd_assets}}
-            res = defs.resolve_job_def("train_contour_dose").execute_in_process(
-                instance=instance, run_config=with_console_info(run_config), raise_on_error=False
-            )
+            res = execute_in_location(defs, "train_contour_dose", instance, run_config, raise_on_error=False)
             train_ok = train_ok and res.success
             if res.success:
                 ev = res.output_for_node("contour_dose_evaluation")

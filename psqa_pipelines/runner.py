@@ -1,17 +1,26 @@
 """Drive the pipeline in-process, exactly as the daemon would (used by the demo and tests).
 
 ``run_inbox_cycle`` evaluates ``inbox_sensor`` once, adds the partitions it asks for and
-executes the runs it requests in this process (``execute_in_process`` against the given
-instance), tagged like sensor-launched runs (``dagster/sensor_name``, ``dagster/run_key``) so a
+executes the runs it requests in this process (``execute_in_location``: ``execute_in_process``
+against the given instance, as runs of workspace.yaml's code location, so the UI lists them on the
+job pages), tagged like sensor-launched runs (``dagster/sensor_name``, ``dagster/run_key``) so a
 daemon started later recognises them and does not launch them again. Then it rebuilds the
 lake-wide tables and the PSQA tables (what the automation sensor would do).
 """
 
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import dagster as dg
 
 from psqa_pipelines.defs.ingest.sensors import inbox_sensor
+from psqa_pipelines.settings import REPO_DIR
+
+#: the code location and repository of workspace.yaml (``dg.Definitions`` load as ``__repository__``)
+LOCATION_NAME = "psqa_pipelines"
+REPOSITORY_NAME = "__repository__"
+DEFINITIONS_MODULE = "psqa_pipelines.definitions"
 
 
 @dataclass
@@ -37,6 +46,58 @@ def with_console_info(run_config: dict | None = None) -> dict:
     return {**(run_config or {}), **CONSOLE_INFO}
 
 
+def location_job_origin(job_name: str):
+    """The origin of ``job_name`` in workspace.yaml's code location, as ``dagster dev`` loads it
+    (a Python module in a managed gRPC server, ``__repository__``)."""
+    from dagster._core.remote_origin import ManagedGrpcPythonEnvCodeLocationOrigin, RemoteRepositoryOrigin
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+
+    target = LoadableTargetOrigin(
+        executable_path=sys.executable, module_name=DEFINITIONS_MODULE, working_directory=str(REPO_DIR)
+    )
+    location = ManagedGrpcPythonEnvCodeLocationOrigin(loadable_target_origin=target, location_name=LOCATION_NAME)
+    return RemoteRepositoryOrigin(code_location_origin=location, repository_name=REPOSITORY_NAME).get_job_origin(
+        job_name
+    )
+
+
+@contextmanager
+def _runs_in_location(instance: dg.DagsterInstance, job_name: str):
+    """Runs created on ``instance`` inside the block carry the code location's job origin.
+
+    ``execute_in_process`` has no origin argument, so its runs belong to no code location: the UI's
+    job pages and the Overview timeline (which select runs by the repository label the origin
+    gives) would not show them. This wraps the instance's ``create_run_for_job`` for the block."""
+    origin = location_job_origin(job_name)
+    create = instance.create_run_for_job
+
+    def create_in_location(*args, **kwargs):
+        kwargs.setdefault("remote_job_origin", origin)
+        return create(*args, **kwargs)
+
+    instance.create_run_for_job = create_in_location
+    try:
+        yield
+    finally:
+        del instance.create_run_for_job
+
+
+def execute_in_location(
+    defs: dg.Definitions,
+    job_name: str,
+    instance: dg.DagsterInstance,
+    run_config: dict | None = None,
+    **kwargs,
+) -> dg.ExecuteInProcessResult:
+    """Execute a job of ``defs`` in this process as a run of the workspace's code location: same
+    code, same instance as a UI-launched run, listed on the job's page and in the Overview
+    timeline, re-executable from the UI. The console shows the assets' INFO lines only
+    (:data:`CONSOLE_INFO`); ``kwargs`` go to ``execute_in_process``."""
+    job = defs.resolve_job_def(job_name)
+    with _runs_in_location(instance, job_name):
+        return job.execute_in_process(run_config=with_console_info(run_config), instance=instance, **kwargs)
+
+
 def run_inbox_cycle(
     defs: dg.Definitions,
     instance: dg.DagsterInstance,
@@ -53,11 +114,11 @@ def run_inbox_cycle(
     for req in result.dynamic_partitions_requests or []:
         instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
     for req in result.run_requests or []:
-        job = defs.resolve_job_def(req.job_name)
         tags = {**req.tags, "dagster/sensor_name": "inbox_sensor", "dagster/run_key": req.run_key}
-        run = job.execute_in_process(
-            run_config=with_console_info(),
-            instance=instance,
+        run = execute_in_location(
+            defs,
+            req.job_name,
+            instance,
             partition_key=req.partition_key,
             tags=tags,
             raise_on_error=raise_on_error,
@@ -77,9 +138,5 @@ def run_inbox_cycle(
                 report.files_quarantined += int(md["files_quarantined"].value)
     if rebuild_tables:
         for name in ("lake_tables_job", "psqa_tables_job"):
-            report.results.append(
-                defs.resolve_job_def(name).execute_in_process(
-                    run_config=with_console_info(), instance=instance, raise_on_error=raise_on_error
-                )
-            )
+            report.results.append(execute_in_location(defs, name, instance, raise_on_error=raise_on_error))
     return report

@@ -35,6 +35,23 @@ def test_study_ingest_and_preprocess(storage, make_defs, instance, sample_cohort
         for ev in res.get_asset_check_evaluations():
             assert ev.passed, (ev.asset_key, ev.check_name, ev.metadata)
 
+    # the runs belong to workspace.yaml's code location: the UI's job pages select them by this label
+    import yaml
+    from dagster._core.storage.dagster_run import RunsFilter
+    from dagster._core.storage.tags import REPOSITORY_LABEL_TAG
+
+    from psqa_pipelines_tests.conftest import REPO
+
+    location = yaml.safe_load((REPO / "workspace.yaml").read_text())["load_from"][0]["python_module"]
+    label = f"__repository__@{location['location_name']}"
+    for job in ("ingest_study_job", "lake_tables_job", "psqa_tables_job"):
+        runs = instance.get_runs(RunsFilter(job_name=job, tags={REPOSITORY_LABEL_TAG: label}))
+        assert len(runs) == (2 if job == "ingest_study_job" else 1), job
+        origin = runs[0].remote_job_origin
+        assert origin.location_name == location["location_name"] and origin.job_name == job
+        target = origin.repository_origin.code_location_origin.loadable_target_origin
+        assert target.module_name == location["module_name"]
+
     files = pd.read_parquet(storage.tables / "file_index.parquet")
     assert len(files) == 68
     assert set(files["modality"]) == {"CT", "RTSTRUCT", "RTDOSE"}

@@ -159,3 +159,90 @@ def test_groups_render_and_a_ui_launched_materialization_succeeds(webserver):
             browser.close()
     # the run really executed the asset in the temporary PSQA_HOME
     assert (home / "lake" / "tables" / "inbox_triage.parquet").exists()
+
+
+def _mlflow_server(tmp_path: Path, db: Path, artifacts: Path):
+    port = _free_port()
+    log = open(tmp_path / "mlflow.log", "w")  # noqa: SIM115 (closed by the caller's teardown)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}"]
+        + ["--default-artifact-root", artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(port)]
+        + ["--workers", "1"],
+        env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{base}/health", timeout=2)
+            return proc, log, base
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError((tmp_path / "mlflow.log").read_text()[-3000:]) from None
+            time.sleep(0.5)
+    raise TimeoutError("mlflow server did not answer in 120 s")
+
+
+def test_demo_runs_on_job_pages_column_docs_and_the_mlflow_link_back(webserver, tmp_path):
+    """What a user opens after `make demo`: the in-process runs on their job's page (they belong to
+    the code location), the Columns table with descriptions, and the MLflow run's link back to Dagster."""
+    import dagster as dg
+
+    from psqa_pipelines.definitions import build_defs, build_resources
+    from psqa_pipelines.resources import MlflowResource, PsqaStorage
+    from psqa_pipelines.runner import run_inbox_cycle
+
+    base, home = webserver
+    instance = dg.DagsterInstance.from_config(str(home / "dagster"))
+    storage = PsqaStorage(home=str(home), openkbp_dir="", inbox_settle_seconds=0)
+    mlflow = MlflowResource(
+        tracking_uri=f"sqlite:///{home / 'mlflow.db'}", artifact_root=str(home / "artifacts"), experiment="e2e"
+    )
+    report = run_inbox_cycle(build_defs(build_resources(storage, mlflow=mlflow)), instance)
+    assert len(report.studies) == 1 and not report.failed
+    study_run = report.results[0].run_id
+
+    @dg.asset(required_resource_keys={"mlflow"})
+    def tracked(context) -> None:
+        res = context.resources.mlflow
+        res.end_run(res.start_run(context, run_name="e2e"))
+
+    tracked_run = dg.materialize([tracked], resources={"mlflow": mlflow}, instance=instance).run_id
+    ml_run = mlflow.client().search_runs([mlflow.experiment_id()])[0]
+    assert f"/runs/{tracked_run}" in ml_run.data.tags["mlflow.note.content"]
+
+    job = _gql(
+        base,
+        '{ pipelineOrError(params: {pipelineName: "ingest_study_job", repositoryName: "__repository__", '
+        'repositoryLocationName: "psqa_pipelines"}) { ... on Pipeline { runs { runId } } } }',
+    )
+    assert study_run in [r["runId"] for r in job["data"]["pipelineOrError"]["runs"]]
+
+    server, log, ml_base = _mlflow_server(tmp_path, home / "mlflow.db", home / "artifacts")
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROME_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1500, "height": 950})
+                page.goto(f"{base}/locations/psqa_pipelines/jobs/ingest_study_job/runs", wait_until="domcontentloaded")
+                page.get_by_text(study_run[:8]).first.wait_for(timeout=60000)
+                page.goto(f"{base}/assets/study_files", wait_until="domcontentloaded")
+                page.get_by_text("pseudonymous study id").first.wait_for(timeout=60000)
+                page.goto(
+                    f"{ml_base}/#/experiments/{ml_run.info.experiment_id}/runs/{ml_run.info.run_id}",
+                    wait_until="domcontentloaded",
+                )
+                link = page.locator(f'a[href$="/runs/{tracked_run}"]').first
+                link.wait_for(timeout=60000)
+            finally:
+                browser.close()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
