@@ -173,6 +173,11 @@ def demo(
                     if c in ev.columns
                 ]
                 print(ev[cols].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+                print(
+                    f"(pipeline check: {qa_plans} simulated plans and a few CPU epochs; these MAEs say nothing about "
+                    "BMMQA against its baselines, which a short run need not beat. Real numbers: README, PSQA "
+                    "section, and benchmarks/psqa_ablation.py.)"
+                )
         if contour_dose:
             from psqa_pipelines.defs.contour_dose.training import training_assets as cd_assets
 
