@@ -88,11 +88,13 @@ def demo_glioma_config(lgg_dir: Path) -> dict:
     }
 
 
-def _demo_glioma(defs, instance, lgg_dir: Path) -> bool:
+def _demo_glioma(defs, instance, lgg_dir: Path, level: str = "INFO") -> bool:
     print(f"glioma (GMMAS): {DEMO_GLIOMA_PATIENTS} lgg-mri patients, 2-fold CV of a tiny CPU model, evaluation, ...")
     from psqa_pipelines.runner import execute_in_location
 
-    res = execute_in_location(defs, "glioma_job", instance, demo_glioma_config(lgg_dir), raise_on_error=False)
+    res = execute_in_location(
+        defs, "glioma_job", instance, demo_glioma_config(lgg_dir), console_level=level, raise_on_error=False
+    )
     if res.success:
         ev = res.output_for_node("glioma_evaluation")
         print(
@@ -117,6 +119,7 @@ def demo(
     qa_plans: int = 60,
     contour_dose: bool = True,
     glioma: bool = True,
+    verbose: bool = False,
 ) -> int:
     import dagster as dg
 
@@ -126,6 +129,7 @@ def demo(
     from psqa_pipelines.runner import execute_in_location, run_inbox_cycle
 
     t0 = time.perf_counter()
+    level = "DEBUG" if verbose else "INFO"
     init(home)
     storage = PsqaStorage(home=str(home), openkbp_dir="", inbox_settle_seconds=0)
     sample_dir = storage.inbox / "sample_hn"
@@ -143,20 +147,25 @@ def demo(
                 shutil.copytree(src, storage.inbox / dst)
     qa_dir = storage.inbox / "qa_programme"
     if qa_plans > 0 and not qa_dir.exists():
+        from tqdm import tqdm
+
         from ml.psqa.simulator import simulate
 
         print(f"simulating an IMRT QA programme: {qa_plans} plans (RT Plan, planned + measured RT Dose, QA CSV) ...")
-        simulate(qa_dir, qa_plans, seed=0)
+        with tqdm(total=qa_plans, desc="QA plans", unit="plan") as bar:
+            simulate(qa_dir, qa_plans, seed=0, progress=lambda done, total: bar.update(done - bar.n))
     defs = build_defs(build_resources(storage))
     train_ok = True
     with dg.DagsterInstance.get() as instance:
-        report = run_inbox_cycle(defs, instance)
+        report = run_inbox_cycle(defs, instance, progress=not verbose, console_level=level)
         if qa_plans > 0:
             from psqa_pipelines.defs.psqa.training import training_assets
 
             print("training BMMQA and its baselines (small CPU configuration), evaluating, promoting ...")
             run_config = {"ops": {a.key.to_user_string(): {"config": DEMO_TRAINING} for a in training_assets}}
-            res = execute_in_location(defs, "train_psqa", instance, run_config, raise_on_error=False)
+            res = execute_in_location(
+                defs, "train_psqa", instance, run_config, console_level=level, raise_on_error=False
+            )
             train_ok = res.success
             if res.success:
                 ev = res.output_for_node("psqa_evaluation")
@@ -183,7 +192,9 @@ def demo(
 
             print("training the contour + dose family (tiny CPU models), evaluating, exporting DICOM ...")
             run_config = {"ops": {a.key.to_user_string(): {"config": DEMO_CONTOUR_DOSE} for a in cd_assets}}
-            res = execute_in_location(defs, "train_contour_dose", instance, run_config, raise_on_error=False)
+            res = execute_in_location(
+                defs, "train_contour_dose", instance, run_config, console_level=level, raise_on_error=False
+            )
             train_ok = train_ok and res.success
             if res.success:
                 ev = res.output_for_node("contour_dose_evaluation")
@@ -195,7 +206,7 @@ def demo(
                 )
         lgg_dir = shared / "lgg-mri"
         if glioma and with_shared and (lgg_dir / "patients").is_dir():
-            train_ok = _demo_glioma(defs, instance, lgg_dir) and train_ok
+            train_ok = _demo_glioma(defs, instance, lgg_dir, level) and train_ok
         elif glioma:
             print(f"glioma stage skipped: {lgg_dir} is absent" if with_shared else "glioma stage skipped (--no-shared)")
     elapsed = time.perf_counter() - t0
@@ -320,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--qa-plans", type=int, default=60, help="simulated QA plans for the PSQA stage (0: skip it)")
     d.add_argument("--no-contour-dose", action="store_true", help="skip the contour + dose training stage")
     d.add_argument("--no-glioma", action="store_true", help="skip the GMMAS glioma stage (needs ../shared lgg-mri)")
+    d.add_argument(
+        "--verbose", action="store_true", help="Dagster's full event stream on the console (always in the event log)"
+    )
     v = sub.add_parser("dev")
     v.add_argument("--dagster-port", type=int, default=3000)
     v.add_argument("--mlflow-port", type=int, default=5000)
@@ -330,7 +344,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"initialised {home}")
         return 0
     if args.cmd == "demo":
-        return demo(home, args.studies, not args.no_shared, args.qa_plans, not args.no_contour_dose, not args.no_glioma)
+        return demo(
+            home,
+            args.studies,
+            not args.no_shared,
+            args.qa_plans,
+            not args.no_contour_dose,
+            not args.no_glioma,
+            verbose=args.verbose,
+        )
     return dev(home, args.dagster_port, args.mlflow_port)
 
 

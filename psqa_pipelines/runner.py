@@ -36,14 +36,12 @@ class CycleReport:
     results: list = field(default_factory=list)
 
 
-#: run config that keeps in-process runs readable in a terminal: the console logger at INFO shows the
-#: assets' own progress lines (training epochs, summaries) and hides Dagster's per-step DEBUG events
-#: (thousands per demo); everything still goes to the instance's event log (the UI shows it all).
-CONSOLE_INFO = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-
-
-def with_console_info(run_config: dict | None = None) -> dict:
-    return {**(run_config or {}), **CONSOLE_INFO}
+def with_console_info(run_config: dict | None = None, level: str = "INFO") -> dict:
+    """``run_config`` with the console logger at ``level``. INFO keeps in-process runs readable in a
+    terminal: the assets' own progress lines (training epochs, summaries) without Dagster's per-step
+    DEBUG events (thousands per demo); WARNING under a progress bar; DEBUG = the full event stream
+    (the demo's ``--verbose``). Everything always goes to the instance's event log (the UI shows it)."""
+    return {**(run_config or {}), "loggers": {"console": {"config": {"log_level": level}}}}
 
 
 def location_job_origin(job_name: str):
@@ -87,15 +85,18 @@ def execute_in_location(
     job_name: str,
     instance: dg.DagsterInstance,
     run_config: dict | None = None,
+    console_level: str = "INFO",
     **kwargs,
 ) -> dg.ExecuteInProcessResult:
     """Execute a job of ``defs`` in this process as a run of the workspace's code location: same
     code, same instance as a UI-launched run, listed on the job's page and in the Overview
-    timeline, re-executable from the UI. The console shows the assets' INFO lines only
-    (:data:`CONSOLE_INFO`); ``kwargs`` go to ``execute_in_process``."""
+    timeline, re-executable from the UI. The console shows the assets' lines from ``console_level``
+    up (INFO: their progress lines, not Dagster's DEBUG events); ``kwargs`` go to ``execute_in_process``."""
     job = defs.resolve_job_def(job_name)
     with _runs_in_location(instance, job_name):
-        return job.execute_in_process(run_config=with_console_info(run_config), instance=instance, **kwargs)
+        return job.execute_in_process(
+            run_config=with_console_info(run_config, console_level), instance=instance, **kwargs
+        )
 
 
 def run_inbox_cycle(
@@ -104,7 +105,16 @@ def run_inbox_cycle(
     cursor: str | None = None,
     rebuild_tables: bool = True,
     raise_on_error: bool = False,
+    progress: bool = False,
+    console_level: str = "INFO",
 ) -> CycleReport:
+    """One sensor tick and its runs (module docstring). ``progress``: a progress bar over the
+    requested runs (tqdm on stderr; the runs' console output drops to WARNING under it, their full
+    event logs are in the instance) and a summary line."""
+    import time
+
+    from tqdm import tqdm
+
     resources = defs.resources
     ctx = dg.build_sensor_context(
         instance=instance, cursor=cursor, resources={"storage": resources["storage"], "deid": resources["deid"]}
@@ -113,16 +123,22 @@ def run_inbox_cycle(
     report = CycleReport(cursor=result.cursor)
     for req in result.dynamic_partitions_requests or []:
         instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
-    for req in result.run_requests or []:
+    requests = list(result.run_requests or [])
+    t0 = time.perf_counter()
+    level = "WARNING" if progress and console_level == "INFO" else console_level
+    bar = tqdm(total=len(requests), desc="ingestion runs", unit="run", disable=not progress or not requests)
+    for req in requests:
         tags = {**req.tags, "dagster/sensor_name": "inbox_sensor", "dagster/run_key": req.run_key}
         run = execute_in_location(
             defs,
             req.job_name,
             instance,
+            console_level=level,
             partition_key=req.partition_key,
             tags=tags,
             raise_on_error=raise_on_error,
         )
+        bar.update(1)
         report.results.append(run)
         if req.partition_key:
             (report.studies if run.success else report.failed).append(req.partition_key)
@@ -136,7 +152,17 @@ def run_inbox_cycle(
                 report.files_seen += int(md["files_seen"].value)
                 report.files_ingested += int(md["files_ingested"].value)
                 report.files_quarantined += int(md["files_quarantined"].value)
+    bar.close()
+    if progress and requests:
+        print(
+            f"ingested {len(report.studies)} studies ({len(report.failed)} failed, {report.triage_runs} triage and "
+            f"{report.qa_results_runs} QA-results runs): {report.files_ingested} files in, "
+            f"{report.files_quarantined} quarantined, {time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
     if rebuild_tables:
         for name in ("lake_tables_job", "psqa_tables_job"):
-            report.results.append(execute_in_location(defs, name, instance, raise_on_error=raise_on_error))
+            report.results.append(
+                execute_in_location(defs, name, instance, console_level=level, raise_on_error=raise_on_error)
+            )
     return report

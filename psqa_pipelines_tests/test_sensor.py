@@ -121,3 +121,27 @@ def test_in_process_runs_log_info_not_debug_events(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "progress line" in err
     assert "STEP_START" not in err and " - DEBUG - " not in err
+
+
+def test_dev_secret_warning_once_per_process(monkeypatch):
+    """66 studies in a demo: the console warns once; every later run still records it at DEBUG."""
+    from psqa_pipelines.resources import deid as deid_module
+
+    monkeypatch.setattr(deid_module, "_WARNED", [])
+    calls = []
+
+    class Log:
+        def warning(self, msg):
+            calls.append(("warning", msg))
+
+        def debug(self, msg):
+            calls.append(("debug", msg))
+
+    res = deid_module.DeidentificationResource(secret="")
+    for _ in range(3):
+        res.warn_if_dev(Log())
+    assert [level for level, _ in calls] == ["warning", "debug", "debug"]
+    assert all("PSQA_DEID_SECRET" in msg for _, msg in calls)
+    calls.clear()
+    deid_module.DeidentificationResource(secret="a-real-secret").warn_if_dev(Log())
+    assert calls == []

@@ -922,10 +922,12 @@ def simulate(
     workers: int | None = None,
     cfg: SimConfig = SimConfig(),
     write: bool = True,
+    progress=None,
 ) -> list[dict]:
     """Simulate plans ``start_index .. start_index + n_plans - 1`` of ``batch``; write their files and
     the QA CSV under ``out_dir`` (module docstring). Returns one summary dict per plan (with the
-    hidden truth: fault kind, machine state); nothing of it is written to ``out_dir``."""
+    hidden truth: fault kind, machine state); nothing of it is written to ``out_dir``.
+    ``progress(done, total)`` is called after every plan (e.g. a progress bar)."""
     if n_plans < 0 or start_index < 0 or seed < 0 or batch < 0:
         raise ValueError("n_plans, start_index, seed and batch must be non-negative")
     out = Path(out_dir)
@@ -934,11 +936,20 @@ def simulate(
         for j, p, k in _plans_of_patients(int(seed), int(batch), int(start_index), int(n_plans))
     ]
     workers = min(2, os.cpu_count() or 1) if workers is None else max(1, int(workers))
+    results: list[dict] = []
+
+    def _done(res: dict) -> None:
+        results.append(res)
+        if progress is not None:
+            progress(len(results), len(tasks))
+
     if workers == 1 or len(tasks) <= 1:
-        results = [simulate_plan(t) for t in tasks]
+        for t in tasks:
+            _done(simulate_plan(t))
     else:
         with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as ex:
-            results = list(ex.map(simulate_plan, tasks, chunksize=max(1, min(8, len(tasks) // (4 * workers)))))
+            for res in ex.map(simulate_plan, tasks, chunksize=max(1, min(8, len(tasks) // (4 * workers)))):
+                _done(res)
     rows = [r for res in results for r in res["rows"]]
     if write:
         write_qa_csv(out / "qa_results" / csv_name(batch, start_index), rows)

@@ -27,8 +27,18 @@ class DeidentificationResource(dg.ConfigurableResource):
         return resolve_secret(self.secret or None)[1]
 
     def warn_if_dev(self, log) -> None:
+        """A warning the first time in a process (the console shows it once, not once per study);
+        later runs record the same message at DEBUG, so every run's event log still has it."""
         if self.uses_dev_secret():
-            log.warning(
+            msg = (
                 "De-identification uses the development secret; set PSQA_DEID_SECRET before "
                 f"ingesting real patient data (dev secret id: {DEV_SECRET[:9]}...)."
             )
+            if _WARNED:
+                log.debug(msg)
+            else:
+                _WARNED.append(True)
+                log.warning(msg)
+
+
+_WARNED: list[bool] = []  # the development-secret warning was shown in this process

@@ -206,8 +206,10 @@ def test_phi_planted(batch0, qa_rows):
 
 def test_deterministic_and_worker_independent(batch0, tmp_path):
     out, summary = batch0
-    again = S.simulate(tmp_path, N_PLANS, seed=SEED, batch=0, workers=2)
+    seen = []
+    again = S.simulate(tmp_path, N_PLANS, seed=SEED, batch=0, workers=2, progress=lambda d, n: seen.append((d, n)))
     assert again == summary
+    assert seen == [(i + 1, N_PLANS) for i in range(N_PLANS)]  # one progress call per plan, in order
     a, b = _files(out), _files(tmp_path)
     assert [p.relative_to(out) for p in a] == [p.relative_to(tmp_path) for p in b]
     for p, q in zip(a, b, strict=True):
