@@ -305,6 +305,18 @@ def main() -> int:
     tables["radiomics LR (GT masks)"] = E.classification_table(
         _same(E.radiomics_baseline(feats, labels, folds)), labels, n_boot=args.n_boot
     )
+    if "gmmas" in complete:  # fully automatic: the same features on GMMAS's own out-of-fold masks
+        pred_masks = load_oof_masks(args.out, "gmmas")
+        pfeats = pd.DataFrame(
+            [
+                {"patient_id": p.patient_id, **E.radiomics_features(p.image, pm, present=p.present)}
+                for p in ds.patients
+                if (pm := pred_masks.get(p.patient_id)) is not None
+            ]
+        )
+        tables["radiomics LR (GMMAS OOF masks)"] = E.classification_table(
+            _same(E.radiomics_baseline(pfeats, labels, folds)), labels, n_boot=args.n_boot
+        )
     for v, oof in complete.items():
         if v != "gmmas":
             tables[f"ablation {v}"] = E.classification_table(_same(oof), labels, n_boot=args.n_boot)
