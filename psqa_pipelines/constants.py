@@ -11,6 +11,7 @@ OWNER_ML = "team:ml"
 OWNER_PHYSICS = "team:medical-physics"
 
 STUDIES_PARTITION = "studies"
+PLANS_PARTITION = "plans"  # the studies that carry an RT Plan (plan-QA assets)
 
 PSQA_MODEL_NAME = "psqa-bmmqa"  # the registered MLflow model of the BMMQA variant
 CHAMPION_ALIAS = "champion"

@@ -4,8 +4,9 @@
 executes the runs it requests in this process (``execute_in_location``: ``execute_in_process``
 against the given instance, as runs of workspace.yaml's code location, so the UI lists them on the
 job pages), tagged like sensor-launched runs (``dagster/sensor_name``, ``dagster/run_key``) so a
-daemon started later recognises them and does not launch them again. Then it rebuilds the
-lake-wide tables and the PSQA tables (what the automation sensor would do).
+daemon started later recognises them and does not launch them again. Then it does what the
+automation sensor would do: ``plan_qa_job`` for every plan study just ingested, and the lake-wide
+and PSQA tables.
 """
 
 import sys
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 
+from psqa_pipelines.constants import PLANS_PARTITION
 from psqa_pipelines.defs.ingest.sensors import inbox_sensor
 from psqa_pipelines.settings import REPO_DIR
 
@@ -27,6 +29,7 @@ DEFINITIONS_MODULE = "psqa_pipelines.definitions"
 class CycleReport:
     cursor: str | None
     studies: list[str] = field(default_factory=list)
+    plans: list[str] = field(default_factory=list)  # plan studies whose plan-QA run succeeded
     failed: list[str] = field(default_factory=list)
     triage_runs: int = 0
     qa_results_runs: int = 0
@@ -153,9 +156,24 @@ def run_inbox_cycle(
                 report.files_ingested += int(md["files_ingested"].value)
                 report.files_quarantined += int(md["files_quarantined"].value)
     bar.close()
+    # what the automation sensor does next: the plan-QA assets of every plan study just ingested
+    plans = set(instance.get_dynamic_partitions(PLANS_PARTITION))
+    plan_keys = [k for k in report.studies if k in plans]
+    for key in tqdm(plan_keys, desc="plan-QA runs", unit="run", disable=not progress or not plan_keys):
+        run = execute_in_location(
+            defs,
+            "plan_qa_job",
+            instance,
+            console_level=level,
+            partition_key=key,
+            raise_on_error=raise_on_error,
+        )
+        report.results.append(run)
+        (report.plans if run.success else report.failed).append(key)
     if progress and requests:
         print(
-            f"ingested {len(report.studies)} studies ({len(report.failed)} failed, {report.triage_runs} triage and "
+            f"ingested {len(report.studies)} studies ({len(report.plans)} with RT Plans; {len(report.failed)} failed, "
+            f"{report.triage_runs} triage and "
             f"{report.qa_results_runs} QA-results runs): {report.files_ingested} files in, "
             f"{report.files_quarantined} quarantined, {time.perf_counter() - t0:.0f} s",
             flush=True,

@@ -29,9 +29,11 @@ def test_study_ingest_and_preprocess(storage, make_defs, instance, sample_cohort
     report = run_inbox_cycle(defs, instance, progress=True)
     assert len(report.studies) == 2 and not report.failed
     out, err = capfd.readouterr()
-    assert "ingested 2 studies (0 failed" in out and "68 files in" in out  # one summary line
+    assert "ingested 2 studies (0 with RT Plans; 0 failed" in out and "68 files in" in out  # one summary line
     assert "ingestion runs" in err and "2/2" in err  # the progress bar
     assert "STEP_START" not in err and "STEP_OUTPUT" not in err  # no Dagster event flood
+    # CT studies without an RT Plan get no plan-QA partition: nothing "missing" that cannot exist
+    assert instance.get_dynamic_partitions("plans") == [] and report.plans == []
     assert report.files_seen == report.files_ingested == 2 * 34 and report.files_quarantined == 0
 
     # every asset check of every run passed

@@ -73,6 +73,9 @@ def test_psqa_two_rounds_lineage_and_champion(simulated, storage, tmp_path, monk
     _copy_into(r1, storage.inbox)
     rep = run_inbox_cycle(defs, instance, raise_on_error=True)
     assert len(rep.studies) == ROUND1 and not rep.failed and rep.qa_results_runs == 1
+    # every QA study carries an RT Plan: its own `plans` partition, plan-QA run after the ingestion
+    assert sorted(instance.get_dynamic_partitions("plans")) == sorted(rep.studies) == sorted(rep.plans)
+    assert instance.get_materialized_partitions(dg.AssetKey("plan_complexity")) == set(rep.studies)
     labels = pd.read_parquet(storage.tables / "psqa_labels.parquet")
     features = pd.read_parquet(storage.tables / "psqa_features.parquet")
     assert len(labels) == ROUND1 and len(features) == ROUND1

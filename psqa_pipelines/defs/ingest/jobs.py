@@ -4,12 +4,10 @@ from psqa_pipelines.lib.partitions import studies_partitions
 
 ingest_study_job = dg.define_asset_job(
     name="ingest_study_job",
-    selection=dg.AssetSelection.assets(
-        "study_files", "study_series", "study_volumes", "plan_complexity", "beam_complexity", "qa_planes", "qa_labels"
-    ),
+    selection=dg.AssetSelection.assets("study_files", "study_series", "study_volumes"),
     partitions_def=studies_partitions,
-    description="De-identify, index and preprocess one study (one partition); RT Plans with QA dose planes "
-    "also get their complexity features, QA planes and gamma labels.",
+    description="De-identify, index and preprocess one study (one partition). A study with an RT Plan also "
+    "gets a `plans` partition, whose plan-QA assets (`plan_qa_job`) run after this one.",
 )
 
 inbox_triage_job = dg.define_asset_job(

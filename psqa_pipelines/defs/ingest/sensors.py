@@ -3,7 +3,9 @@
 Each tick scans the inbox and the OpenKBP folder (header reads are cached), groups files into
 studies and, for every study whose file fingerprint (paths, sizes, mtimes) is new or changed:
 
-* adds the study's pseudonymous key as a dynamic partition (``SensorResult`` request),
+* adds the study's pseudonymous key as a dynamic partition (``SensorResult`` request), and to the
+  ``plans`` partitions too when the study has an RT Plan file (its plan-QA assets then run after
+  the ingestion, by their eager automation condition),
 * requests one ``ingest_study_job`` run with ``run_key = "<study>:<fingerprint>"``: a re-tick
   never launches a second run for the same content, a changed study gets a new run.
 
@@ -20,7 +22,7 @@ import dagster as dg
 
 from ml.data.inbox import fingerprint, read_receipt, scan_sources
 from psqa_pipelines.defs.ingest import jobs
-from psqa_pipelines.lib.partitions import studies_partitions
+from psqa_pipelines.lib.partitions import plans_partitions, studies_partitions
 from psqa_pipelines.resources import DeidentificationResource, PsqaStorage
 
 
@@ -48,7 +50,9 @@ def inbox_sensor(context: dg.SensorEvaluationContext, storage: PsqaStorage, deid
     cursor = _load_cursor(context.cursor)
     scan = scan_sources(storage.sources(), deid.pseudonymizer(), settle_seconds=storage.inbox_settle_seconds)
     existing = set(context.instance.get_dynamic_partitions(studies_partitions.name))
+    existing_plans = set(context.instance.get_dynamic_partitions(plans_partitions.name))
     new_keys: list[str] = []
+    new_plan_keys: list[str] = []
     requests: list[dg.RunRequest] = []
     for key, (_, group) in sorted(scan.studies.items()):
         fp = group.fingerprint
@@ -60,6 +64,8 @@ def inbox_sensor(context: dg.SensorEvaluationContext, storage: PsqaStorage, deid
             continue  # only our own quarantine moves changed it
         if key not in existing:
             new_keys.append(key)
+        if key not in existing_plans and any(f.modality == "RTPLAN" for f in group.files):
+            new_plan_keys.append(key)  # its plan-QA assets run after the ingestion (automation)
         requests.append(
             dg.RunRequest(
                 job_name=jobs.ingest_study_job.name,
@@ -79,11 +85,15 @@ def inbox_sensor(context: dg.SensorEvaluationContext, storage: PsqaStorage, deid
             cursor[cursor_key] = fp
     summary = scan.summary()
     context.log.info(
-        f"scan: {json.dumps(summary, sort_keys=True)}; new partitions: {len(new_keys)}; runs requested: {len(requests)}"
+        f"scan: {json.dumps(summary, sort_keys=True)}; new partitions: {len(new_keys)} studies, "
+        f"{len(new_plan_keys)} plans; runs requested: {len(requests)}"
     )
     return dg.SensorResult(
         run_requests=requests,
-        dynamic_partitions_requests=[studies_partitions.build_add_request(new_keys)] if new_keys else [],
+        dynamic_partitions_requests=[
+            *([studies_partitions.build_add_request(new_keys)] if new_keys else []),
+            *([plans_partitions.build_add_request(new_plan_keys)] if new_plan_keys else []),
+        ],
         cursor=json.dumps(cursor, sort_keys=True),
         skip_reason=None if requests else "no new or changed studies",
     )

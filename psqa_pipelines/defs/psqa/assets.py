@@ -1,12 +1,14 @@
 """PSQA data assets: plans -> complexity features, QA planes, labels -> split -> training pack.
 
-Per study (partition): every RT Plan with its planned (``BEAM``/``PLAN``) and delivered
-(``RECORD``) RT Dose planes becomes one row of ``plan_complexity`` (+ per-beam rows in
-``beam_complexity``), one manifest row in ``qa_planes`` (an npz with the composite planned and
-measured planes, the fluence and the dose-difference map) and label rows in ``qa_labels`` (GPR
-at four criteria for the composite and each beam, from our gamma). Studies without plans give
-empty tables. The lake-wide tables gather them; ``psqa_split`` is stable across retraining
-rounds; ``psqa_pack`` writes the training pack the ``ml`` trainer reads.
+Per study that carries an RT Plan (a ``plans`` partition: the sensor adds it when an RTPLAN file
+arrives; the ingestion run's study tables feed it key to key; ``plan_qa_job`` runs after the
+ingestion, launched by the automation sensor or by ``runner.run_inbox_cycle``): every RT Plan with
+its planned (``BEAM``/``PLAN``) and delivered (``RECORD``) RT Dose planes becomes one row of
+``plan_complexity`` (+ per-beam rows in ``beam_complexity``), one manifest row in ``qa_planes`` (an
+npz with the composite planned and measured planes, the fluence and the dose-difference map) and
+label rows in ``qa_labels`` (GPR at four criteria for the composite and each beam, from our
+gamma). The lake-wide tables gather them; ``psqa_split`` is stable across retraining rounds;
+``psqa_pack`` writes the training pack the ``ml`` trainer reads.
 """
 
 import json
@@ -22,7 +24,7 @@ from ml.utils.tables import typed_frame
 from psqa_pipelines.constants import OWNER_ML, OWNER_PHYSICS, PSQA
 from psqa_pipelines.lib.automation import lake_automation_condition
 from psqa_pipelines.lib.metadata import counts_table, md_table
-from psqa_pipelines.lib.partitions import all_partitions_in, studies_partitions
+from psqa_pipelines.lib.partitions import all_partitions_in, plans_partitions, same_study
 from psqa_pipelines.resources import DeidentificationResource, PsqaStorage
 
 PLAN_ID_COLUMNS = {"study_key": "str", "patient_id": "str", "plan_key": "str", "plan_uid": "str"}
@@ -46,6 +48,10 @@ LABEL_TABLE_COLUMNS = {
 }
 
 
+# after a plan study's ingestion run (its study tables updated), or when the plans partition is new
+PLAN_QA_AUTOMATION = dg.AutomationCondition.eager()
+
+
 def _crit_col(criterion: str) -> str:
     from ml.psqa.dataset import criterion_column
 
@@ -56,6 +62,7 @@ def _crit_col(criterion: str) -> str:
     outs={
         "plan_complexity": dg.AssetOut(
             group_name=PSQA,
+            automation_condition=PLAN_QA_AUTOMATION,
             kinds={"parquet"},
             owners=[OWNER_PHYSICS],
             code_version="2",
@@ -65,6 +72,7 @@ def _crit_col(criterion: str) -> str:
         ),
         "beam_complexity": dg.AssetOut(
             group_name=PSQA,
+            automation_condition=PLAN_QA_AUTOMATION,
             kinds={"parquet"},
             owners=[OWNER_PHYSICS],
             code_version="1",
@@ -72,6 +80,7 @@ def _crit_col(criterion: str) -> str:
         ),
         "qa_planes": dg.AssetOut(
             group_name=PSQA,
+            automation_condition=PLAN_QA_AUTOMATION,
             kinds={"numpy", "parquet"},
             owners=[OWNER_PHYSICS],
             code_version="1",
@@ -80,6 +89,7 @@ def _crit_col(criterion: str) -> str:
         ),
         "qa_labels": dg.AssetOut(
             group_name=PSQA,
+            automation_condition=PLAN_QA_AUTOMATION,
             kinds={"parquet"},
             owners=[OWNER_PHYSICS],
             code_version="1",
@@ -87,7 +97,8 @@ def _crit_col(criterion: str) -> str:
             "delivered) for the composite (beam = -1) and each beam; DD statistics.",
         ),
     },
-    partitions_def=studies_partitions,
+    ins={"study_files": same_study("study_files"), "study_series": same_study("study_series")},
+    partitions_def=plans_partitions,
     can_subset=False,
 )
 def plan_qa(

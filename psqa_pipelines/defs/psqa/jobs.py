@@ -9,9 +9,19 @@ Shapley report and runs the champion/challenger promotion. ``retrain_bmmqa`` is 
 import dagster as dg
 
 from psqa_pipelines.constants import PSQA_TRAINING
+from psqa_pipelines.lib.partitions import plans_partitions
 from psqa_pipelines.resources.compute import GPU_RUN_TAGS
 
 PSQA_TABLES = ("psqa_features", "psqa_labels", "psqa_planes", "qa_label_agreement")
+PLAN_QA_ASSETS = ("plan_complexity", "beam_complexity", "qa_planes", "qa_labels")
+
+plan_qa_job = dg.define_asset_job(
+    name="plan_qa_job",
+    selection=dg.AssetSelection.assets(*PLAN_QA_ASSETS),
+    partitions_def=plans_partitions,
+    description="One plan study (a `plans` partition): complexity features, QA planes and gamma labels of its RT "
+    "Plans, from the study tables its ingestion run wrote.",
+)
 
 psqa_tables_job = dg.define_asset_job(
     name="psqa_tables_job",
