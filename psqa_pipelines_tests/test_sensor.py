@@ -145,3 +145,28 @@ def test_dev_secret_warning_once_per_process(monkeypatch):
     calls.clear()
     deid_module.DeidentificationResource(secret="a-real-secret").warn_if_dev(Log())
     assert calls == []
+
+
+def test_plan_study_gets_a_plans_partition_and_its_plan_qa_runs_after_ingestion(instance, storage, make_defs):
+    """The daemon path: the sensor adds the plan study to `plans`; the plan-QA assets' eager condition
+    requests that partition once the study's ingestion run has written its tables, not before."""
+    from ml.psqa.simulator import simulate
+
+    simulate(storage.inbox / "qa", 1, seed=5, workers=1)
+    defs = make_defs(storage)
+    ctx = dg.build_sensor_context(instance=instance, resources={"storage": storage, "deid": defs.resources["deid"]})
+    result = inbox_sensor(ctx)
+    adds = {r.partitions_def_name: list(r.partition_keys) for r in result.dynamic_partitions_requests}
+    (key,) = adds["studies"]
+    assert adds["plans"] == [key]
+    for name, keys in adds.items():
+        instance.add_dynamic_partitions(name, keys)
+    plan_qa = dg.AssetKey("plan_complexity")
+    before = dg.evaluate_automation_conditions(defs, instance, asset_selection=dg.AssetSelection.keys(plan_qa))
+    assert before.get_num_requested(plan_qa) == 0  # its study tables do not exist yet
+    req = next(r for r in result.run_requests if r.job_name == "ingest_study_job")
+    assert defs.resolve_job_def("ingest_study_job").execute_in_process(instance=instance, partition_key=key).success
+    after = dg.evaluate_automation_conditions(
+        defs, instance, asset_selection=dg.AssetSelection.keys(plan_qa), cursor=before.cursor
+    )
+    assert after.get_requested_partitions(plan_qa) == {req.partition_key}
