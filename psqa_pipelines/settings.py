@@ -85,6 +85,11 @@ MLFLOW_TRACKING_URI = EnvSetting(
     "MLFLOW_TRACKING_URI", "sqlite:///$PSQA_HOME/mlflow/mlflow.db", "MLflow tracking (and registry) store"
 )
 DAGSTER_HOME = EnvSetting("DAGSTER_HOME", "$PSQA_HOME/dagster", "Dagster instance folder", empty_is_unset=False)
+MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR = EnvSetting(
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
+    "false",
+    "MLflow's artifact up/download progress bars (off here: one per logged model flooded the console)",
+)
 PSQA_RETRAIN_CRON = EnvSetting(
     "PSQA_RETRAIN_CRON", "0 2 * * 1", "cron of psqa_retrain_schedule (Monday 02:00)", empty_is_unset=False
 )
@@ -106,6 +111,7 @@ ENV_SETTINGS: tuple[EnvSetting, ...] = (
     PSQA_DEID_SECRET,
     MLFLOW_TRACKING_URI,
     DAGSTER_HOME,
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR,
     PSQA_RETRAIN_CRON,
     PSQA_RETRAIN_MIN_NEW_PLANS,
 )
@@ -188,6 +194,13 @@ def mlflow_tracking_uri() -> str:
 
 def mlflow_artifact_root() -> str:
     return str(default_home() / "mlflow" / "artifacts")
+
+
+def quiet_mlflow_progress_bars() -> None:
+    """MLflow reads ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR`` from the environment at every transfer;
+    unless the user set it, it is set to the documented default (false) for this process."""
+    if MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.raw() is None:
+        os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name] = MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.default
 
 
 # -- de-identification -----------------------------------------------------------------------

@@ -27,7 +27,7 @@ def test_concurrent_first_use_of_a_fresh_store(tmp_path):
     assert MlflowResource(tracking_uri=uri).client().get_experiment_by_name("race") is not None
 
 
-def test_training_like_asset_logs_lineage_and_registers_model(tmp_path, mlflow_store):
+def test_training_like_asset_logs_lineage_and_registers_model(tmp_path, mlflow_store, capfd):
     table = pd.DataFrame({"plan": ["a", "b", "c"], "mu": [500.0, 620.0, 710.0], "gpr": [97.1, 95.2, 88.0]})
     parquet = write_parquet_atomic(tmp_path / "features.parquet", table)
 
@@ -65,6 +65,10 @@ def test_training_like_asset_logs_lineage_and_registers_model(tmp_path, mlflow_s
     with dg.instance_for_test() as instance:
         result = dg.materialize([tiny_training], resources={"mlflow": mlflow_store}, instance=instance)
     md = result.asset_materializations_for_node("tiny_training")[0].metadata
+    # logging a model is quiet on the console: no progress bars, pickle warnings or registry prints
+    err = capfd.readouterr().err
+    for noise in ("Downloading artifacts", "Uploading artifacts", "CloudPickle", "Successfully registered"):
+        assert noise not in err, noise
     run_id = md["mlflow_run_id"].value
     run = mlflow_store.client().get_run(run_id)
     assert run.info.status == "FINISHED"

@@ -15,6 +15,8 @@
   never the deprecated stages).
 """
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -25,7 +27,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from psqa_pipelines.settings import REPO_DIR, mlflow_artifact_root, mlflow_tracking_uri
+from psqa_pipelines.settings import REPO_DIR, mlflow_artifact_root, mlflow_tracking_uri, quiet_mlflow_progress_bars
 
 
 def git_sha() -> str:
@@ -50,6 +52,27 @@ def pinned_requirements() -> list[str]:
             continue
         reqs.append(f"{pkg}=={v}")
     return reqs
+
+
+@contextlib.contextmanager
+def _quiet_mlflow():
+    """While a model is logged: no artifact progress bars, no pickle-format warning (the wrapper
+    is ours, loaded from the logged code), no "Successfully registered" / "Created version" prints
+    (the asset's metadata and log line name the version). Errors still raise."""
+    import logging
+
+    import mlflow.utils.logging_utils as lu
+
+    quiet_mlflow_progress_bars()
+    logger = logging.getLogger("mlflow")
+    level, stream = logger.level, lu.MLFLOW_LOGGING_STREAM
+    logger.setLevel(logging.ERROR)
+    lu.MLFLOW_LOGGING_STREAM = io.StringIO()
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        lu.MLFLOW_LOGGING_STREAM = stream
 
 
 class MlflowResource(dg.ConfigurableResource):
@@ -245,7 +268,7 @@ class MlflowResource(dg.ConfigurableResource):
             client = self.client()
             was_running = client.get_run(run_id).info.status == "RUNNING"
             # the pyfunc flavour logs into the *active* run: activate ours just for this call
-            with warnings.catch_warnings(), mlflow.start_run(run_id=run_id):
+            with warnings.catch_warnings(), _quiet_mlflow(), mlflow.start_run(run_id=run_id):
                 warnings.simplefilter("ignore")
                 info = mlflow.pyfunc.log_model(
                     name=name,
