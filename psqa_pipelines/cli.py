@@ -59,6 +59,7 @@ DEMO_CONTOUR_DOSE = {
     "steps_per_epoch": 10,
     "batch_size": 8,
     "widths": [8, 16, 32, 64, 128],
+    "oof_folds": 2,  # Seq-Automated's out-of-fold contours from 2 (not 3) tiny contour models: a pipeline check
 }
 
 
