@@ -46,6 +46,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stop(proc: subprocess.Popen, log) -> None:
+    """Stop a server started in its own session (its whole process group), then close its log."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
 def _gql(base: str, query: str) -> dict:
     req = urllib.request.Request(
         f"{base}/graphql", data=json.dumps({"query": query}).encode(), headers={"content-type": "application/json"}
@@ -106,12 +116,7 @@ def webserver(tmp_path):
             raise TimeoutError("dagster-webserver did not answer in 120 s")
         yield base, home
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        _stop(proc, log)
 
 
 def test_groups_render_and_a_ui_launched_materialization_succeeds(webserver):
@@ -240,9 +245,4 @@ def test_demo_runs_on_job_pages_column_docs_and_the_mlflow_link_back(webserver, 
             finally:
                 browser.close()
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
+        _stop(server, log)
