@@ -318,8 +318,11 @@ def main() -> int:
             _same(E.radiomics_baseline(pfeats, labels, folds)), labels, n_boot=args.n_boot
         )
     for v, oof in complete.items():
-        if v != "gmmas":
-            tables[f"ablation {v}"] = E.classification_table(_same(oof), labels, n_boot=args.n_boot)
+        trained = VARIANTS.get(v, {}).get("tasks", tuple(TASKS))
+        if v != "gmmas" and trained:
+            t = E.classification_table(_same(oof), labels, n_boot=args.n_boot)
+            t.loc[~t["task"].isin(trained), t.columns.drop(["task", "n"])] = np.nan  # heads it never trained
+            tables[f"ablation {v}"] = t
     comp = E.compare_table(tables)
     wide = E.compare_table(tables, wide=True).reset_index()
     print(wide.to_string(index=False))
