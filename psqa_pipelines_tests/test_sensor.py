@@ -170,3 +170,16 @@ def test_plan_study_gets_a_plans_partition_and_its_plan_qa_runs_after_ingestion(
         defs, instance, asset_selection=dg.AssetSelection.keys(plan_qa), cursor=before.cursor
     )
     assert after.get_requested_partitions(plan_qa) == {req.partition_key}
+    # a plan study ingested before the plans partitions existed gets one on the next tick, no new run
+    instance.delete_dynamic_partition("plans", key)
+    again = inbox_sensor(
+        dg.build_sensor_context(
+            instance=instance,
+            cursor=result.cursor,
+            resources={"storage": storage, "deid": defs.resources["deid"]},
+        )
+    )
+    assert [(r.partitions_def_name, list(r.partition_keys)) for r in again.dynamic_partitions_requests] == [
+        ("plans", [key])
+    ]
+    assert not again.run_requests

@@ -56,6 +56,10 @@ def inbox_sensor(context: dg.SensorEvaluationContext, storage: PsqaStorage, deid
     requests: list[dg.RunRequest] = []
     for key, (_, group) in sorted(scan.studies.items()):
         fp = group.fingerprint
+        if key not in existing_plans and any(f.modality == "RTPLAN" for f in group.files):
+            # its plans partition (also for a study ingested before plans partitions existed); the
+            # plan-QA assets follow its ingestion through their eager automation condition
+            new_plan_keys.append(key)
         if cursor["studies"].get(key) == fp:
             continue
         receipt = read_receipt(storage.state, key)
@@ -64,8 +68,6 @@ def inbox_sensor(context: dg.SensorEvaluationContext, storage: PsqaStorage, deid
             continue  # only our own quarantine moves changed it
         if key not in existing:
             new_keys.append(key)
-        if key not in existing_plans and any(f.modality == "RTPLAN" for f in group.files):
-            new_plan_keys.append(key)  # its plan-QA assets run after the ingestion (automation)
         requests.append(
             dg.RunRequest(
                 job_name=jobs.ingest_study_job.name,
