@@ -82,6 +82,8 @@ def test_psqa_two_rounds_lineage_and_champion(simulated, storage, tmp_path, monk
     assert features["mcs"].between(0, 1).all() and (features["total_mu"] > 0).all()
     # the machine identity: a de-identified treatment-machine pseudonym and the QA device's model
     assert features["treatment_machine"].str.startswith("M-").all() and (features["qa_device"] != "").all()
+    # the QA device: its model, and its serial only as a keyed pseudonym (never the serial itself)
+    assert features["qa_device"].str.contains(" D-").all() and not features["qa_device"].str.contains(r"SN\d").any()
     linacs = {str(s["linac"]) for s in s1}
     assert features["treatment_machine"].nunique() == len(linacs)
     # our gamma labels reproduce the clinic's composite GPRs (same planes, CSV rounded to 0.1 %)

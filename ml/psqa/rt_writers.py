@@ -285,8 +285,11 @@ def rt_dose_dataset(
     )
     if measured:
         ds.Manufacturer = _MANUFACTURER_QA
-        ds.ManufacturerModelName = device or "QA array"
-        ds.DeviceSerialNumber = device.split()[-1] if device else ""
+        # "<model> <serial>": the model in ManufacturerModelName, the serial in DeviceSerialNumber
+        # (as a real array exports them; de-identification keeps the model, pseudonymises the serial)
+        parts = device.split()
+        ds.ManufacturerModelName = " ".join(parts[:-1]) if len(parts) > 1 else (device or "QA array")
+        ds.DeviceSerialNumber = parts[-1] if len(parts) > 1 else ""
     else:
         ds.Manufacturer = _MANUFACTURER_TPS
         ds.ManufacturerModelName = "PSQA QA simulator (TPS model)"
