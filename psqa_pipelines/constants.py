@@ -12,6 +12,9 @@ OWNER_PHYSICS = "team:medical-physics"
 
 STUDIES_PARTITION = "studies"
 PLANS_PARTITION = "plans"  # the studies that carry an RT Plan (plan-QA assets)
+#: run tag of an ingestion run: the number of files of its study (the sensor sets it; the UI shows
+#: it; the demo's parallel runner starts the biggest studies first)
+STUDY_FILES_TAG = "psqa/files"
 
 PSQA_MODEL_NAME = "psqa-bmmqa"  # the registered MLflow model of the BMMQA variant
 CHAMPION_ALIAS = "champion"

@@ -10,12 +10,13 @@ and PSQA tables.
 """
 
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import dagster as dg
 
-from psqa_pipelines.constants import PLANS_PARTITION
+from psqa_pipelines.constants import PLANS_PARTITION, STUDY_FILES_TAG
 from psqa_pipelines.defs.ingest.sensors import inbox_sensor
 from psqa_pipelines.settings import REPO_DIR
 
@@ -36,7 +37,61 @@ class CycleReport:
     files_seen: int = 0
     files_ingested: int = 0
     files_quarantined: int = 0
-    results: list = field(default_factory=list)
+    results: list = field(default_factory=list)  # ExecuteInProcessResult of the runs this process executed
+    run_ids: list[str] = field(default_factory=list)  # every run of the cycle, also those of worker processes
+
+
+@dataclass
+class _RunOutcome:
+    """What the cycle needs from a run, picklable (a worker process returns it)."""
+
+    job_name: str
+    partition_key: str | None
+    run_id: str
+    success: bool
+    files: tuple[int, int, int] = (0, 0, 0)  # seen, ingested, quarantined
+
+    @classmethod
+    def of(cls, job_name: str, partition_key: str | None, run: dg.ExecuteInProcessResult) -> "_RunOutcome":
+        seen = ingested = quarantined = 0
+        for mat in run.get_asset_materialization_events():
+            md = mat.materialization.metadata
+            if mat.asset_key.to_user_string() in ("study_files", "inbox_triage"):
+                seen += int(md["files_seen"].value)
+                ingested += int(md["files_ingested"].value)
+                quarantined += int(md["files_quarantined"].value)
+        return cls(job_name, partition_key, run.run_id, run.success, (seen, ingested, quarantined))
+
+
+# worker-process state of a parallel cycle (one Definitions and one instance per process)
+_WORKER: dict = {}
+
+
+def _worker_init(defs_factory: Callable[[], dg.Definitions], instance_ref) -> None:
+    from psqa_pipelines.resources import deid
+
+    deid._WARNED.append(True)  # the parent showed the dev-secret warning once; the runs' event logs keep it
+    _WORKER["defs"] = defs_factory()
+    _WORKER["instance"] = dg.DagsterInstance.from_ref(instance_ref)  # the parent's storage
+
+
+def _worker_ready() -> None:
+    """A no-op task: submitting one per worker starts the processes (and their imports) early."""
+
+
+def _worker_run(
+    job_name: str, partition_key: str | None, tags: dict | None, level: str, raise_on_error: bool
+) -> _RunOutcome:
+    run = execute_in_location(
+        _WORKER["defs"],
+        job_name,
+        _WORKER["instance"],
+        console_level=level,
+        partition_key=partition_key,
+        tags=tags,
+        raise_on_error=raise_on_error,
+    )
+    return _RunOutcome.of(job_name, partition_key, run)
 
 
 def with_console_info(run_config: dict | None = None, level: str = "INFO") -> dict:
@@ -110,77 +165,141 @@ def run_inbox_cycle(
     raise_on_error: bool = False,
     progress: bool = False,
     console_level: str = "INFO",
+    workers: int = 1,
+    defs_factory: Callable[[], dg.Definitions] | None = None,
 ) -> CycleReport:
     """One sensor tick and its runs (module docstring). ``progress``: a progress bar over the
     requested runs (tqdm on stderr; the runs' console output drops to WARNING under it, their full
-    event logs are in the instance) and a summary line."""
+    event logs are in the instance) and a summary line.
+
+    ``workers`` > 1 (with ``defs_factory``, a picklable callable that rebuilds ``defs`` in a fresh
+    process): the ingestion runs, then the plan-QA runs, execute in that many spawned processes at
+    once (each with its own instance on the same ``DAGSTER_HOME``), as the daemon runs up to
+    ``max_concurrent_runs`` at once; ``results`` then holds only the runs of this process."""
     import time
 
     from tqdm import tqdm
 
     resources = defs.resources
-    ctx = dg.build_sensor_context(
-        instance=instance, cursor=cursor, resources={"storage": resources["storage"], "deid": resources["deid"]}
-    )
-    result = inbox_sensor(ctx)
-    report = CycleReport(cursor=result.cursor)
-    for req in result.dynamic_partitions_requests or []:
-        instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
-    requests = list(result.run_requests or [])
-    t0 = time.perf_counter()
     level = "WARNING" if progress and console_level == "INFO" else console_level
-    bar = tqdm(total=len(requests), desc="ingestion runs", unit="run", disable=not progress or not requests)
-    for req in requests:
-        tags = {**req.tags, "dagster/sensor_name": "inbox_sensor", "dagster/run_key": req.run_key}
-        run = execute_in_location(
-            defs,
-            req.job_name,
-            instance,
-            console_level=level,
-            partition_key=req.partition_key,
-            tags=tags,
-            raise_on_error=raise_on_error,
+    # worker processes (if any) start now and import while this process evaluates the sensor
+    with _Executor(defs, instance, level, raise_on_error, workers if defs_factory else 1, defs_factory) as ex:
+        ctx = dg.build_sensor_context(
+            instance=instance, cursor=cursor, resources={"storage": resources["storage"], "deid": resources["deid"]}
         )
-        bar.update(1)
-        report.results.append(run)
-        if req.partition_key:
-            (report.studies if run.success else report.failed).append(req.partition_key)
-        elif req.job_name == "qa_results_job":
-            report.qa_results_runs += 1
-        else:
-            report.triage_runs += 1
-        for mat in run.get_asset_materialization_events():
-            md = mat.materialization.metadata
-            if mat.asset_key.to_user_string() in ("study_files", "inbox_triage"):
-                report.files_seen += int(md["files_seen"].value)
-                report.files_ingested += int(md["files_ingested"].value)
-                report.files_quarantined += int(md["files_quarantined"].value)
-    bar.close()
-    # what the automation sensor does next: the plan-QA assets of every plan study just ingested
-    plans = set(instance.get_dynamic_partitions(PLANS_PARTITION))
-    plan_keys = [k for k in report.studies if k in plans]
-    for key in tqdm(plan_keys, desc="plan-QA runs", unit="run", disable=not progress or not plan_keys):
-        run = execute_in_location(
-            defs,
-            "plan_qa_job",
-            instance,
-            console_level=level,
-            partition_key=key,
-            raise_on_error=raise_on_error,
-        )
-        report.results.append(run)
-        (report.plans if run.success else report.failed).append(key)
+        result = inbox_sensor(ctx)
+        report = CycleReport(cursor=result.cursor)
+        for req in result.dynamic_partitions_requests or []:
+            instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+        requests = list(result.run_requests or [])
+        t0 = time.perf_counter()
+        calls = [
+            (
+                req.job_name,
+                req.partition_key,
+                {**req.tags, "dagster/sensor_name": "inbox_sensor", "dagster/run_key": req.run_key},
+            )
+            for req in requests
+        ]
+        if ex.workers > 1:  # longest first: a big CT study started last would leave one worker idle
+            calls.sort(key=lambda c: -int(c[2].get(STUDY_FILES_TAG, 0)))
+        for out in ex.map(
+            calls, tqdm(total=len(calls), desc="ingestion runs", unit="run", disable=not progress or not calls)
+        ):
+            report.run_ids.append(out.run_id)
+            if out.partition_key:
+                (report.studies if out.success else report.failed).append(out.partition_key)
+            elif out.job_name == "qa_results_job":
+                report.qa_results_runs += 1
+            else:
+                report.triage_runs += 1
+            report.files_seen += out.files[0]
+            report.files_ingested += out.files[1]
+            report.files_quarantined += out.files[2]
+        # what the automation sensor does next: the plan-QA assets of every plan study just ingested
+        plans = set(instance.get_dynamic_partitions(PLANS_PARTITION))
+        plan_calls = [("plan_qa_job", k, None) for k in report.studies if k in plans]
+        bar = tqdm(total=len(plan_calls), desc="plan-QA runs", unit="run", disable=not progress or not plan_calls)
+        for out in ex.map(plan_calls, bar):
+            report.run_ids.append(out.run_id)
+            (report.plans if out.success else report.failed).append(out.partition_key)
+    report.results = ex.results
     if progress and requests:
         print(
             f"ingested {len(report.studies)} studies ({len(report.plans)} with RT Plans; {len(report.failed)} failed, "
             f"{report.triage_runs} triage and "
             f"{report.qa_results_runs} QA-results runs): {report.files_ingested} files in, "
-            f"{report.files_quarantined} quarantined, {time.perf_counter() - t0:.0f} s",
+            f"{report.files_quarantined} quarantined, {time.perf_counter() - t0:.0f} s"
+            + (f" ({ex.workers} worker processes)" if ex.workers > 1 else ""),
             flush=True,
         )
     if rebuild_tables:
         for name in ("lake_tables_job", "psqa_tables_job"):
-            report.results.append(
-                execute_in_location(defs, name, instance, console_level=level, raise_on_error=raise_on_error)
-            )
+            run = execute_in_location(defs, name, instance, console_level=level, raise_on_error=raise_on_error)
+            report.results.append(run)
+            report.run_ids.append(run.run_id)
     return report
+
+
+class _Executor:
+    """Executes runs in this process (``workers`` = 1) or in a pool of spawned worker processes;
+    ``map`` yields each run's outcome (in completion order) and advances the progress bar."""
+
+    def __init__(self, defs, instance, level, raise_on_error, workers, defs_factory):
+        self.defs, self.instance, self.level, self.raise_on_error = defs, instance, level, raise_on_error
+        # an in-memory (ephemeral) instance cannot be shared with other processes
+        self.workers = max(1, workers) if not instance.is_ephemeral else 1
+        self.defs_factory = defs_factory
+        self.results: list = []
+        self.pool = None
+
+    def __enter__(self):
+        if self.workers > 1:
+            import multiprocessing
+
+            self.defs.resources["deid"].warn_if_dev(dg.get_dagster_logger())  # once, here, not once per worker
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=multiprocessing.get_context("spawn"),  # never fork a process holding torch/sqlite state
+                initializer=_worker_init,
+                initargs=(self.defs_factory, self.instance.get_ref()),
+            )
+            for _ in range(self.workers):  # start every worker now (the pool spawns them on demand)
+                self.pool.submit(_worker_ready)
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        return False
+
+    def map(self, calls, bar):
+        try:
+            if self.pool is None:
+                for job_name, key, tags in calls:
+                    run = execute_in_location(
+                        self.defs,
+                        job_name,
+                        self.instance,
+                        console_level=self.level,
+                        partition_key=key,
+                        tags=tags,
+                        raise_on_error=self.raise_on_error,
+                    )
+                    self.results.append(run)
+                    bar.update(1)
+                    yield _RunOutcome.of(job_name, key, run)
+            else:
+                from concurrent.futures import as_completed
+
+                futures = [
+                    self.pool.submit(_worker_run, job_name, key, tags, self.level, self.raise_on_error)
+                    for job_name, key, tags in calls
+                ]
+                for fut in as_completed(futures):
+                    bar.update(1)
+                    yield fut.result()
+        finally:
+            bar.close()

@@ -173,9 +173,9 @@ def storage_dir_override(kind: str) -> Path | None:
 
 
 def dagster_home(home: Path) -> Path:
-    """``DAGSTER_HOME`` when set, else ``<home>/dagster``."""
+    """``DAGSTER_HOME`` when set (non-empty), else ``<home>/dagster``."""
     value = DAGSTER_HOME.raw()
-    return Path(value) if value is not None else home / "dagster"
+    return Path(value) if value else home / "dagster"  # empty = unset
 
 
 def child_env(**overrides: str) -> dict[str, str]:

@@ -75,3 +75,28 @@ def test_dev_says_what_runs_by_default(tmp_path):
     assert "inbox_sensor" in off and "OpenKBP source is off" in off and "schedules are stopped" in off
     on = _dev_activity(PsqaStorage(home=str(tmp_path), openkbp_dir=str(tmp_path / "kbp")))
     assert "one ingestion run per new patient" in on
+
+
+def test_demo_ingests_in_two_worker_processes_and_says_where_the_time_went(tmp_path):
+    """`psqa demo` as a user runs it (the training stages off: they have their own tests): the
+    ingestion runs execute in 2 spawned processes, which rebuild the demo's Definitions, and every
+    run lands in the persistent instance as a run of the code location."""
+    home = tmp_path / "home"
+    out = _run(
+        [sys.executable, "-m", "psqa_pipelines.cli", "--home", str(home), "demo", "--studies", "2"]
+        + ["--qa-plans", "0", "--no-contour-dose", "--no-glioma", "--no-shared", "--workers", "2"],
+        env={"DAGSTER_HOME": "", "PSQA_HOME": ""},
+    )
+    assert "ingested 2 studies" in out and "(2 worker processes)" in out
+    assert "demo finished in" in out and "2 studies ingested, 0 failed" in out
+    assert "where the time went: setup" in out and "ingestion" in out
+    from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
+    from dagster._core.storage.tags import REPOSITORY_LABEL_TAG
+
+    with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
+        runs = instance.get_runs()
+        in_location = instance.get_runs(RunsFilter(tags={REPOSITORY_LABEL_TAG: "__repository__@psqa_pipelines"}))
+    assert sorted(r.job_name for r in runs) == ["ingest_study_job"] * 2 + ["lake_tables_job", "psqa_tables_job"]
+    # every run succeeded, also the PSQA tables with no plan study yet (empty tables, not a failure)
+    assert all(r.status == DagsterRunStatus.SUCCESS for r in runs), [(r.job_name, r.status) for r in runs]
+    assert {r.run_id for r in in_location} == {r.run_id for r in runs}

@@ -146,3 +146,65 @@ def test_preview_and_counts_in_metadata(storage, make_defs, instance, sample_coh
     files = [m.materialization for m in mats if m.asset_key.to_user_string() == "study_files"]
     assert all(f.metadata["dagster/row_count"].value == 34 for f in files)
     assert all("dagster/column_schema" in f.metadata for f in files)
+
+
+def _parallel_test_defs(home: str, mlflow_uri: str, artifacts: str):
+    """Module level, so a spawned worker process can rebuild the test's Definitions."""
+    from psqa_pipelines.definitions import build_defs, build_resources
+    from psqa_pipelines.resources import MlflowResource, PsqaStorage
+
+    storage = PsqaStorage(home=home, openkbp_dir="", inbox_settle_seconds=0)
+    mlflow = MlflowResource(tracking_uri=mlflow_uri, artifact_root=artifacts, experiment="psqa-tests")
+    return build_defs(build_resources(storage, mlflow=mlflow))
+
+
+def test_parallel_cycle_runs_every_study_in_worker_processes(
+    storage, mlflow_store, instance, sample_cohort, capfd, caplog
+):
+    """The demo's path: ingestion and plan-QA runs in 2 spawned processes on the same instance; the
+    same studies, plans, files and tables as one process, every run of the code location, the
+    dev-secret warning once."""
+    import functools
+
+    from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
+    from dagster._core.storage.tags import REPOSITORY_LABEL_TAG
+
+    from ml.psqa.simulator import simulate
+    from psqa_pipelines.resources import deid
+
+    root, _ = sample_cohort
+    copy_into(root, storage.inbox)
+    simulate(storage.inbox / "qa", 2, seed=5, workers=1)
+    deid._WARNED.clear()
+    factory = functools.partial(
+        _parallel_test_defs, storage.home, mlflow_store.tracking_uri, mlflow_store.artifact_root
+    )
+    report = run_inbox_cycle(factory(), instance, progress=True, workers=2, defs_factory=factory)
+    assert len(report.studies) == 4 and len(report.plans) == 2 and not report.failed
+    assert report.qa_results_runs == 1 and report.files_ingested == report.files_seen > 2 * 34
+    out, err = capfd.readouterr()
+    assert "(2 worker processes)" in out
+    assert "ingestion runs" in err and "5/5" in err and "plan-QA runs" in err and "2/2" in err  # the bars
+    msg = "De-identification uses the development secret"
+    # once, in this process (pytest's log capture); never in a worker's console output
+    assert [r.levelname for r in caplog.records if msg in r.getMessage()] == ["WARNING"] and msg not in out + err
+    # every run (also those of the worker processes) succeeded and belongs to the code location
+    runs = instance.get_runs(RunsFilter(tags={REPOSITORY_LABEL_TAG: "__repository__@psqa_pipelines"}))
+    assert {r.run_id for r in runs} == set(report.run_ids)
+    assert all(r.status == DagsterRunStatus.SUCCESS for r in runs)
+    by_job = pd.Series([r.job_name for r in runs]).value_counts().to_dict()
+    assert by_job == {
+        "ingest_study_job": 4,
+        "plan_qa_job": 2,
+        "qa_results_job": 1,
+        "lake_tables_job": 1,
+        "psqa_tables_job": 1,
+    }
+    # each ingestion run carries its study's file count (the biggest studies start first)
+    ingest = [r for r in runs if r.job_name == "ingest_study_job"]
+    assert sum(int(r.tags["psqa/files"]) for r in ingest) == report.files_seen
+    # the lake-wide tables (built after the workers finished) see every study
+    series = pd.read_parquet(storage.tables / "series_index.parquet")
+    assert set(series["study_key"]) == set(report.studies)
+    plan_tables = {p.stem for p in (storage.tables / "plan_complexity").glob("*.parquet")}
+    assert plan_tables == set(report.plans)

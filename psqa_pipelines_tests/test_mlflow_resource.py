@@ -110,3 +110,18 @@ def test_training_like_asset_logs_lineage_and_registers_model(tmp_path, mlflow_s
     assert np.allclose(out["gpr"], expected["gpr"].numpy(), atol=1e-6)
     assert out["dd_map"].shape == (2, 1, 16, 16)
     assert loaded.metadata.metadata["format"] == "torch-state_dict+pyfunc"
+
+
+def test_model_wrapper_imports_without_warnings():
+    """The pyfunc wrapper is imported by every training run and model load: no MLflow type-hint
+    warning on the console (a fresh interpreter: the warning fires once, at class definition)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, mlflow.pyfunc\n"
+        "warnings.simplefilter('error')\n"
+        "import psqa_pipelines.resources.mlflow_pyfunc\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "Add type hints" not in res.stderr, res.stderr[-2000:]

@@ -72,13 +72,46 @@ def dicom_phi_violations(path: str | Path) -> list[str]:
 
     with quiet_pydicom():
         ds = pydicom.dcmread(path, stop_before_pixels=True)
+        return _dataset_phi_violations(ds)
+
+
+#: value representations that cannot carry a name, a date or a UID: left unconverted by the check
+#: (an RT Plan holds tens of thousands of DS leaf positions; converting them dominated its cost)
+_NUMERIC_VRS = frozenset({"DS", "IS", "FL", "FD", "SL", "SS", "UL", "US", "SV", "UV", "AT"})
+_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW"})  # not UN: pydicom converts it to the dictionary VR
+
+
+def _text_elements(ds):
+    """Every element of ``ds`` and its sequences (depth first) except public numeric and binary
+    ones, converted; private elements always (the check reports them whatever their VR)."""
+    from pydicom.datadict import dictionary_VR
+
+    for raw in ds.elements():
+        tag = raw.tag
+        if not tag.is_private:
+            vr = raw.VR
+            if vr is None:  # implicit VR: the dictionary's
+                try:
+                    vr = dictionary_VR(tag)
+                except KeyError:
+                    vr = None
+            if vr in _NUMERIC_VRS or vr in _BINARY_VRS:
+                continue
+        elem = ds[tag]
+        yield elem
+        if elem.VR == "SQ":
+            for item in elem.value:
+                yield from _text_elements(item)
+
+
+def _dataset_phi_violations(ds) -> list[str]:
     problems = []
     if str(ds.get("PatientIdentityRemoved", "")) != "YES":
         problems.append("PatientIdentityRemoved is not YES")
     pseudonym = str(ds.get("PatientID", ""))
     if not PATIENT_ID.match(pseudonym):
         problems.append("PatientID is not a pseudonym")
-    for elem in ds.iterall():
+    for elem in _text_elements(ds):
         if elem.tag.is_private:
             problems.append(f"private element {elem.tag}")
         elif elem.VR == "PN" and elem.value not in (None, "") and str(elem.value) != pseudonym:

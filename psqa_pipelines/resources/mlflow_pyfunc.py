@@ -22,6 +22,12 @@ def build_module(config: dict):
 
 
 class TorchStateDictModel(mlflow.pyfunc.PythonModel):
+    # inputs are dicts of arrays of model-specific shapes: no type hints on ``predict`` on purpose.
+    # Without this flag MLflow warns at every import of this class that they are missing (its
+    # own ``simplefilter("once")`` overrides any warnings filter); the flag is MLflow's switch
+    # that skips type-hint validation for a PythonModel subclass (as its ChatModel uses).
+    _skip_type_hint_validation = True
+
     def load_context(self, context) -> None:
         import torch
 

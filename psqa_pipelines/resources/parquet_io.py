@@ -39,6 +39,15 @@ class ParquetIO(dg.UPathIOManager):
             raise FileNotFoundError(str(path))
         return pq.read_table(str(path)).to_pandas()
 
+    def load_input(self, context: dg.InputContext):
+        """A fan-in input of an asset with no partitions yet (no plan study ingested: the `plans`
+        set is empty) is ``{}``, not ``None`` (the base class), so the lake-wide table is built
+        empty instead of the run failing its input type check."""
+        loaded = super().load_input(context)
+        if loaded is None and (context.definition_metadata or {}).get("fan_in") and context.has_asset_partitions:
+            return {}
+        return loaded
+
     def load_partitions(self, context: dg.InputContext):
         """Fan-in inputs (metadata ``fan_in=True``) always get ``{partition: DataFrame}``, also
         when only one partition exists (the base class would return the bare DataFrame)."""

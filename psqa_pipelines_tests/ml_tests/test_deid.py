@@ -356,3 +356,36 @@ def test_device_serial_number_becomes_a_keyed_pseudonym(study):
         assert b"4711" not in dataset_to_bytes(ds) and b"0815" not in dataset_to_bytes(ds)
         out.append(ds.DeviceSerialNumber)
     assert out[0] == out[1] != out[2] and out[0].startswith("D-")
+
+
+def test_phi_checker_skips_numbers_but_not_names_in_any_encoding(deidentified, tmp_path):
+    """The checker leaves numeric and binary elements unconverted (speed), yet still finds a name
+    nested in a sequence, a name written with VR UN (pydicom converts it to PN), a private
+    element whatever its VR, and behaves the same on implicit-VR files."""
+    from pydicom.dataelem import DataElement
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    _, data = next(iter(deidentified.values()))
+    for implicit in (False, True):
+        p = tmp_path / "clean.dcm"
+        p.write_bytes(data)
+        ds = pydicom.dcmread(p)
+        item = Dataset()
+        item.add(DataElement(0x00081070, "PN", "Quaxzor^Operator"))  # OperatorsName, nested
+        item.add(DataElement(0x00181152, "IS", "42"))  # Exposure: a number, fine
+        ds.add(DataElement(0x00081110, "SQ", Sequence([item])))  # ReferencedStudySequence
+        ds.add(DataElement(0x00091010, "DS", "1.5"))  # private, numeric: still reported
+        ds.add(DataElement(0x00081050, "UN", b"Quaxzor^Physician"))  # PerformingPhysicianName as UN
+        if implicit:
+            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+            ds.remove_private_tags()
+            ds.add_new(0x00091010, "DS", "1.5")
+        out = tmp_path / f"dirty{int(implicit)}.dcm"
+        ds.save_as(out, enforce_file_format=True)
+        problems = dicom_phi_violations(out)
+        assert "person name in OperatorsName" in problems, problems
+        assert "person name in PerformingPhysicianName" in problems, problems
+        assert "private element (0009,1010)" in problems, problems
+        assert not any("Exposure" in q for q in problems)

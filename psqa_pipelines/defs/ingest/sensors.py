@@ -21,6 +21,7 @@ import json
 import dagster as dg
 
 from ml.data.inbox import fingerprint, read_receipt, scan_sources
+from psqa_pipelines.constants import STUDY_FILES_TAG
 from psqa_pipelines.defs.ingest import jobs
 from psqa_pipelines.lib.partitions import plans_partitions, studies_partitions
 from psqa_pipelines.resources import DeidentificationResource, PsqaStorage
@@ -73,7 +74,7 @@ def inbox_sensor(context: dg.SensorEvaluationContext, storage: PsqaStorage, deid
                 job_name=jobs.ingest_study_job.name,
                 partition_key=key,
                 run_key=f"{key}:{fp}",
-                tags={"psqa/source": group.source},
+                tags={"psqa/source": group.source, STUDY_FILES_TAG: str(len(group.files))},
             )
         )
     # one run per distinct set of loose files: unattributable files -> triage, QA exports -> qa_results
