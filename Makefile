@@ -4,6 +4,7 @@
 #   make lint   ruff check + ruff format --check (read-only; CI runs it before the tests)
 #   make format ruff check --fix + ruff format (rewrites files)
 #   make dev    Dagster UI (127.0.0.1:3000) + MLflow UI (127.0.0.1:5000)
+#   make team-up / team-down   PostgreSQL + MLflow tracking server under PSQA_HOME/team (PSQA_PROFILE=team)
 # Rules and width: [tool.ruff] in pyproject.toml. Dev tools (pytest, ruff, ...) are the `dev` extra.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -15,7 +16,7 @@ PYTEST_ARGS ?=
 # xdist workers: the CI machine has 2 cores
 PYTEST_WORKERS ?= 2
 
-.PHONY: install demo test lint format dev bench constraints clean
+.PHONY: install demo test lint format dev team-up team-down bench constraints clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +45,13 @@ format: install
 
 dev: install
 	$(PY) -m psqa_pipelines.cli dev
+
+# one-machine rehearsal of the team deployment: PostgreSQL + MLflow tracking server under PSQA_HOME/team
+team-up: install
+	PSQA_PROFILE=team $(PY) -m psqa_pipelines.cli team up
+
+team-down:
+	PSQA_PROFILE=team $(PY) -m psqa_pipelines.cli team down
 
 bench: install
 	$(PY) benchmarks/ingest.py

@@ -21,7 +21,15 @@ import sys
 import time
 from pathlib import Path
 
-from psqa_pipelines.settings import PACKAGE_DIR, REPO_DIR, child_env, dagster_home, default_home
+from psqa_pipelines.settings import (
+    PACKAGE_DIR,
+    REPO_DIR,
+    child_env,
+    dagster_home,
+    default_home,
+    profile,
+    team_pg_url,
+)
 
 
 def _env(home: Path) -> Path:
@@ -40,9 +48,37 @@ def init(home: Path) -> None:
     storage.ensure_dirs()
     dagster_dir.mkdir(parents=True, exist_ok=True)
     cfg = dagster_dir / "dagster.yaml"
-    if not cfg.exists():
-        shutil.copyfile(PACKAGE_DIR / "instance" / "dagster.yaml", cfg)
+    text = instance_config()
+    # local: the packaged file, copied once (a user may edit it); team/cluster: generated from the
+    # settings every time (change PSQA_PG_URL, not the file)
+    old = cfg.read_text() if cfg.exists() else None
+    if old is None or _profile_marker(old) != _profile_marker(text) or (profile() != "local" and old != text):
+        if old is not None:
+            print(f"{cfg}: rewritten for PSQA_PROFILE={profile()}")
+        cfg.write_text(text)
     MlflowResource().ensure_store()
+
+
+def _profile_marker(text: str) -> str:
+    return next((line for line in text.splitlines() if line.startswith("# psqa profile:")), "# psqa profile: local")
+
+
+def instance_config() -> str:
+    """The Dagster instance config for the current profile: the packaged ``dagster.yaml`` (SQLite
+    under ``DAGSTER_HOME``), plus, in the team and cluster profiles, run/event/schedule storage on
+    PostgreSQL (database ``dagster`` of ``PSQA_PG_URL``)."""
+    text = (PACKAGE_DIR / "instance" / "dagster.yaml").read_text()
+    p = profile()
+    if p == "local":
+        return text
+    # the driver named: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which is not installed
+    url = f"{team_pg_url()}/dagster".replace("postgresql://", "postgresql+psycopg2://", 1)
+    return (
+        f"# psqa profile: {p}\n"
+        + text
+        + "\n# runs, events and schedules on PostgreSQL (dagster-postgres); written by `psqa init` for "
+        f'PSQA_PROFILE={p}\nstorage:\n  postgres:\n    postgres_url: "{url}"\n'
+    )
 
 
 DEMO_TRAINING = {
@@ -312,12 +348,17 @@ def dev(home: Path, dagster_port: int, mlflow_port: int) -> int:
         "-p",
         str(dagster_port),
     ]
-    procs = [
-        subprocess.Popen(mlflow_cmd, env=env, start_new_session=True),
-        subprocess.Popen(dagster_cmd, env=env, cwd=REPO_DIR, start_new_session=True),
-    ]
+    procs = [subprocess.Popen(dagster_cmd, env=env, cwd=REPO_DIR, start_new_session=True)]
+    if profile() == "local":
+        procs.append(subprocess.Popen(mlflow_cmd, env=env, start_new_session=True))
+        mlflow_ui = f"http://127.0.0.1:{mlflow_port}"
+    else:  # the team's tracking server (`psqa team up`) is the MLflow UI
+        from psqa_pipelines.settings import team_mlflow_url
+
+        mlflow_ui = team_mlflow_url()
     print(
-        f"Dagster UI: http://127.0.0.1:{dagster_port}   MLflow UI: http://127.0.0.1:{mlflow_port}   (Ctrl-C stops both)"
+        f"Dagster UI: http://127.0.0.1:{dagster_port}   MLflow UI: {mlflow_ui}   (Ctrl-C stops "
+        + ("both)" if len(procs) == 2 else "Dagster; `psqa team down` stops the team services)")
     )
     from psqa_pipelines.resources import PsqaStorage
 
@@ -363,6 +404,40 @@ def _dev_activity(storage) -> str:
     )
 
 
+def team(home: Path, action: str) -> int:
+    """``psqa team up|down|status`` (``make team-up`` / ``make team-down``): see ``psqa_pipelines.team``.
+    ``up`` also initialises ``PSQA_HOME`` for the team profile (instance on PostgreSQL, the MLflow
+    experiment on the server)."""
+    import json
+
+    from psqa_pipelines.team import TeamServiceError, TeamServices
+
+    _env(home)
+    services = TeamServices(home)
+    try:
+        if action == "up":
+            if profile() == "local":
+                os.environ["PSQA_PROFILE"] = "team"  # `psqa team up` means the team profile
+            state = services.up()
+            init(home)
+            print(json.dumps(state, indent=2))
+            print(
+                "team services up. In every shell that runs Dagster or the pipelines: export PSQA_PROFILE=team "
+                f"PSQA_HOME={home}; then `make dev` (Dagster UI; MLflow UI at {state['mlflow']['url']})"
+            )
+        elif action == "down":
+            services.down()
+            print("team services stopped")
+        else:
+            state = services.status()
+            print(json.dumps(state, indent=2))
+            return 0 if all(s["healthy"] for s in state.values()) else 1
+    except TeamServiceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _signal_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
@@ -392,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         default=min(2, os.cpu_count() or 1),
         help="ingestion runs executed at once, each in its own process (default: 2, or 1 on one core)",
     )
+    t = sub.add_parser("team", help="one-machine rehearsal of the team deployment (PostgreSQL + MLflow server)")
+    t.add_argument("action", choices=["up", "down", "status"])
     v = sub.add_parser("dev")
     v.add_argument("--dagster-port", type=int, default=3000)
     v.add_argument("--mlflow-port", type=int, default=5000)
@@ -401,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
         init(home)
         print(f"initialised {home}")
         return 0
+    if args.cmd == "team":
+        return team(home, args.action)
     if args.cmd == "demo":
         return demo(
             home,

@@ -90,6 +90,12 @@ MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR = EnvSetting(
     "false",
     "MLflow's artifact up/download progress bars (off here: one per logged model flooded the console)",
 )
+MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT = EnvSetting(
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT",
+    "true",
+    "MLflow's two 'View run / View experiment' lines per run on a tracking server (off here: the asset metadata "
+    "links the run)",
+)
 PSQA_RETRAIN_CRON = EnvSetting(
     "PSQA_RETRAIN_CRON", "0 2 * * 1", "cron of psqa_retrain_schedule (Monday 02:00)", empty_is_unset=False
 )
@@ -98,6 +104,24 @@ PSQA_RETRAIN_MIN_NEW_PLANS = EnvSetting(
     "20",
     "new labelled plans needed before the schedule retrains BMMQA",
     empty_is_unset=False,
+)
+
+PSQA_PROFILE = EnvSetting(
+    "PSQA_PROFILE",
+    "local",
+    "deployment profile: local (SQLite Dagster + MLflow under PSQA_HOME, what make demo uses) | team (Dagster "
+    "on PostgreSQL, MLflow tracking server) | cluster (team + distributed executor)",
+)
+PSQA_PG_URL = EnvSetting(
+    "PSQA_PG_URL",
+    "postgresql://psqa@127.0.0.1:5433",
+    "team/cluster: the PostgreSQL server (databases dagster and mlflow on it); no password here (libpq reads "
+    "PGPASSWORD or ~/.pgpass); `psqa team up` runs a local one on this port",
+)
+PSQA_MLFLOW_URL = EnvSetting(
+    "PSQA_MLFLOW_URL",
+    "http://127.0.0.1:5001",
+    "team/cluster: the MLflow tracking server (`psqa team up` runs one on this port); MLFLOW_TRACKING_URI wins",
 )
 
 ENV_SETTINGS: tuple[EnvSetting, ...] = (
@@ -112,9 +136,37 @@ ENV_SETTINGS: tuple[EnvSetting, ...] = (
     MLFLOW_TRACKING_URI,
     DAGSTER_HOME,
     MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR,
+    MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT,
     PSQA_RETRAIN_CRON,
     PSQA_RETRAIN_MIN_NEW_PLANS,
+    PSQA_PROFILE,
+    PSQA_PG_URL,
+    PSQA_MLFLOW_URL,
 )
+
+PROFILES = ("local", "team", "cluster")
+
+
+def profile() -> str:
+    """``PSQA_PROFILE`` (local | team | cluster); anything else is an error, not a silent default."""
+    value = PSQA_PROFILE.get().strip().lower()
+    if value not in PROFILES:
+        raise ValueError(f"PSQA_PROFILE={value!r}: expected one of {', '.join(PROFILES)}")
+    return value
+
+
+def team_pg_url() -> str:
+    """The team PostgreSQL server URL, without database; refuses an embedded password."""
+    from urllib.parse import urlsplit
+
+    url = PSQA_PG_URL.get()
+    if urlsplit(url).password:
+        raise ValueError("PSQA_PG_URL carries a password: keep it out of URLs and files (PGPASSWORD or ~/.pgpass)")
+    return url.rstrip("/")
+
+
+def team_mlflow_url() -> str:
+    return PSQA_MLFLOW_URL.get().rstrip("/")
 
 
 # -- locations -------------------------------------------------------------------------------
@@ -185,11 +237,19 @@ def child_env(**overrides: str) -> dict[str, str]:
 
 # -- MLflow ----------------------------------------------------------------------------------
 def mlflow_tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI``, else SQLite under ``$PSQA_HOME/mlflow/mlflow.db``."""
+    """``MLFLOW_TRACKING_URI``; else the tracking server (``PSQA_MLFLOW_URL``) in the team and
+    cluster profiles; else SQLite under ``$PSQA_HOME/mlflow/mlflow.db``."""
     env = MLFLOW_TRACKING_URI.raw()
     if env:
         return env
+    if profile() != "local":
+        return team_mlflow_url()
     return f"sqlite:///{default_home() / 'mlflow' / 'mlflow.db'}"
+
+
+def mlflow_ui_url() -> str:
+    """Where a reader opens MLflow: ``make dev``'s UI (local profile) or the tracking server."""
+    return "http://127.0.0.1:5000" if profile() == "local" else team_mlflow_url()
 
 
 def mlflow_artifact_root() -> str:
@@ -199,8 +259,9 @@ def mlflow_artifact_root() -> str:
 def quiet_mlflow_progress_bars() -> None:
     """MLflow reads ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR`` from the environment at every transfer;
     unless the user set it, it is set to the documented default (false) for this process."""
-    if MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.raw() is None:
-        os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name] = MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.default
+    for setting in (MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR, MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT):
+        if setting.raw() is None:
+            os.environ[setting.name] = setting.default
 
 
 # -- de-identification -----------------------------------------------------------------------

@@ -92,3 +92,27 @@ def test_documented_defaults(monkeypatch):
     assert settings.storage_dir_override("lake") == Path("/data/lake")
     secret = settings.deid_secret_config()
     assert type(secret).__name__ == "EnvVar" and secret.env_var_name == "PSQA_DEID_SECRET"
+
+
+def test_profiles_pick_the_stores(monkeypatch, tmp_path):
+    """local (default): SQLite Dagster + MLflow under PSQA_HOME; team: the MLflow server's URL and a
+    Dagster instance config on PostgreSQL (the driver named: SQLAlchemy 2.1 maps postgresql:// to
+    psycopg 3); MLFLOW_TRACKING_URI still wins."""
+    from psqa_pipelines import settings
+    from psqa_pipelines.cli import instance_config
+
+    for s in settings.ENV_SETTINGS:
+        monkeypatch.delenv(s.name, raising=False)
+    monkeypatch.setenv("PSQA_HOME", str(tmp_path))
+    assert settings.profile() == "local" and settings.mlflow_ui_url() == "http://127.0.0.1:5000"
+    assert "postgres" not in instance_config().split("telemetry:")[1]
+    monkeypatch.setenv("PSQA_PROFILE", "team")
+    assert settings.mlflow_tracking_uri() == "http://127.0.0.1:5001" == settings.mlflow_ui_url()
+    cfg = instance_config()
+    assert cfg.startswith("# psqa profile: team")
+    assert 'postgres_url: "postgresql+psycopg2://psqa@127.0.0.1:5433/dagster"' in cfg
+    import yaml
+
+    assert yaml.safe_load(cfg)["storage"]["postgres"]["postgres_url"].endswith("/dagster")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert settings.mlflow_tracking_uri() == "http://mlflow.example:5000"

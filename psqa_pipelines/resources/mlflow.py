@@ -27,7 +27,13 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from psqa_pipelines.settings import REPO_DIR, mlflow_artifact_root, mlflow_tracking_uri, quiet_mlflow_progress_bars
+from psqa_pipelines.settings import (
+    REPO_DIR,
+    mlflow_artifact_root,
+    mlflow_tracking_uri,
+    mlflow_ui_url,
+    quiet_mlflow_progress_bars,
+)
 
 
 def git_sha() -> str:
@@ -80,7 +86,10 @@ class MlflowResource(dg.ConfigurableResource):
     registry_uri: str = Field(default="", description="defaults to the tracking URI")
     artifact_root: str = Field(default_factory=mlflow_artifact_root)
     experiment: str = Field(default="psqa")
-    ui_url: str = Field(default="http://127.0.0.1:5000", description="where `make dev` serves the MLflow UI")
+    ui_url: str = Field(
+        default_factory=mlflow_ui_url,
+        description="the MLflow UI: `make dev` serves it (local profile), the tracking server's (team, cluster)",
+    )
     dagster_ui_url: str = Field(
         default="http://127.0.0.1:3000", description="where `make dev` serves the Dagster UI (run links in MLflow)"
     )
@@ -114,11 +123,12 @@ class MlflowResource(dg.ConfigurableResource):
         exp = client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        location = (
-            Path(self.artifact_root, name).resolve().as_uri()
-            if "://" not in self.artifact_root
-            else f"{self.artifact_root.rstrip('/')}/{name}"
-        )
+        if self.tracking_uri.startswith(("http://", "https://")):
+            location = None  # a tracking server: its proxied artifact store (mlflow-artifacts:/), shared by all
+        elif "://" not in self.artifact_root:
+            location = Path(self.artifact_root, name).resolve().as_uri()
+        else:
+            location = f"{self.artifact_root.rstrip('/')}/{name}"
         try:
             return client.create_experiment(name, artifact_location=location)
         except Exception:

@@ -186,6 +186,7 @@ def contour_dose_champion(
 ) -> pd.DataFrame:
     from ml.contour_dose.selection import champion_decision
     from psqa_pipelines.defs.contour_dose.training import registered_name
+    from psqa_pipelines.lib.champion import move_champion_alias
 
     client = mlflow.client()
     rows = []
@@ -202,8 +203,7 @@ def contour_dose_champion(
         else:
             decision = champion_decision(challenger, dict(current.tags) if current is not None else None)
         if decision["promote"]:
-            mlflow.set_alias(name, CHAMPION_ALIAS, version)
-            client.set_model_version_tag(name, version, "promoted_by_dagster_run", context.run.run_id)
+            move_champion_alias(mlflow, name, version, context.run.run_id)
         rows.append(
             {
                 "variant": str(r["variant"]),
