@@ -17,6 +17,15 @@ needs_openkbp = pytest.mark.skipif(not OPENKBP_DIR.is_dir(), reason="needs ../sh
 needs_brain = pytest.mark.skipif(not BRAIN_DIR.is_dir(), reason="needs ../shared brain MRI samples (absent)")
 
 # small but complete studies: 34 files each (32 CT slices + RTSTRUCT + RTDOSE)
+#: BMMQA training config small enough for tests (a pipeline check, not a model)
+PSQA_TINY_TRAINING = {
+    "epochs": 3,
+    "batch_size": 8,
+    "patience": 50,
+    "warmup_epochs": 1,
+    "enc_widths": [4, 8, 8, 8],
+    "dec_widths": [4, 4, 4, 4],
+}
 SMALL_STUDY = dict(matrix=64, pixel_spacing_mm=6.0, n_slices=32, slice_thickness_mm=6.0)
 
 

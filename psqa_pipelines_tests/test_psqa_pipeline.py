@@ -15,16 +15,10 @@ import pandas as pd
 import pytest
 
 from ml.psqa.train import VARIANTS
+from psqa_pipelines_tests.conftest import PSQA_TINY_TRAINING
 
 ROUND1, ROUND2 = 20, 8
-TINY = {
-    "epochs": 3,
-    "batch_size": 8,
-    "patience": 50,
-    "warmup_epochs": 1,
-    "enc_widths": [4, 8, 8, 8],
-    "dec_widths": [4, 4, 4, 4],
-}
+TINY = PSQA_TINY_TRAINING
 
 
 @pytest.fixture(scope="module")

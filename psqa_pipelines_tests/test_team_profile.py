@@ -17,20 +17,15 @@ import dagster as dg
 import pandas as pd
 import pytest
 
+from psqa_pipelines_tests.conftest import PSQA_TINY_TRAINING
+
 pytestmark = pytest.mark.skipif(
     shutil.which("initdb") is None or shutil.which("pg_ctl") is None,
     reason="PostgreSQL server binaries (initdb, pg_ctl) are not installed",
 )
 
 PLANS = 16
-TINY = {
-    "epochs": 2,
-    "batch_size": 8,
-    "patience": 50,
-    "warmup_epochs": 1,
-    "enc_widths": [4, 8, 8, 8],
-    "dec_widths": [4, 4, 4, 4],
-}
+TINY = {**PSQA_TINY_TRAINING, "epochs": 2}
 
 
 def _free_port() -> int:
