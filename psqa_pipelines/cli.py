@@ -29,6 +29,7 @@ from psqa_pipelines.settings import (
     default_home,
     profile,
     team_pg_url,
+    use_profile,
 )
 
 
@@ -417,7 +418,7 @@ def team(home: Path, action: str) -> int:
     try:
         if action == "up":
             if profile() == "local":
-                os.environ["PSQA_PROFILE"] = "team"  # `psqa team up` means the team profile
+                use_profile("team")  # `psqa team up` means the team profile
             state = services.up()
             init(home)
             print(json.dumps(state, indent=2))

@@ -68,9 +68,9 @@ _WORKER: dict = {}
 
 
 def _worker_init(defs_factory: Callable[[], dg.Definitions], instance_ref) -> None:
-    from psqa_pipelines.resources import deid
+    from psqa_pipelines.resources.deid import dev_secret_warning_shown
 
-    deid._WARNED.append(True)  # the parent showed the dev-secret warning once; the runs' event logs keep it
+    dev_secret_warning_shown()  # the parent showed it once; the runs' event logs keep it at DEBUG
     _WORKER["defs"] = defs_factory()
     _WORKER["instance"] = dg.DagsterInstance.from_ref(instance_ref)  # the parent's storage
 
@@ -79,19 +79,17 @@ def _worker_ready() -> None:
     """A no-op task: submitting one per worker starts the processes (and their imports) early."""
 
 
-def _worker_run(
-    job_name: str, partition_key: str | None, tags: dict | None, level: str, raise_on_error: bool
-) -> _RunOutcome:
-    run = execute_in_location(
-        _WORKER["defs"],
-        job_name,
-        _WORKER["instance"],
-        console_level=level,
-        partition_key=partition_key,
-        tags=tags,
-        raise_on_error=raise_on_error,
+def _execute_call(defs, instance, call: tuple, level: str, raise_on_error: bool) -> dg.ExecuteInProcessResult:
+    """One requested run, ``call`` = (job name, partition key or None, tags or None)."""
+    job_name, key, tags = call
+    return execute_in_location(
+        defs, job_name, instance, console_level=level, partition_key=key, tags=tags, raise_on_error=raise_on_error
     )
-    return _RunOutcome.of(job_name, partition_key, run)
+
+
+def _worker_run(call: tuple, level: str, raise_on_error: bool) -> _RunOutcome:
+    run = _execute_call(_WORKER["defs"], _WORKER["instance"], call, level, raise_on_error)
+    return _RunOutcome.of(call[0], call[1], run)
 
 
 def with_console_info(run_config: dict | None = None, level: str = "INFO") -> dict:
@@ -278,26 +276,15 @@ class _Executor:
     def map(self, calls, bar):
         try:
             if self.pool is None:
-                for job_name, key, tags in calls:
-                    run = execute_in_location(
-                        self.defs,
-                        job_name,
-                        self.instance,
-                        console_level=self.level,
-                        partition_key=key,
-                        tags=tags,
-                        raise_on_error=self.raise_on_error,
-                    )
+                for call in calls:
+                    run = _execute_call(self.defs, self.instance, call, self.level, self.raise_on_error)
                     self.results.append(run)
                     bar.update(1)
-                    yield _RunOutcome.of(job_name, key, run)
+                    yield _RunOutcome.of(call[0], call[1], run)
             else:
                 from concurrent.futures import as_completed
 
-                futures = [
-                    self.pool.submit(_worker_run, job_name, key, tags, self.level, self.raise_on_error)
-                    for job_name, key, tags in calls
-                ]
+                futures = [self.pool.submit(_worker_run, call, self.level, self.raise_on_error) for call in calls]
                 for fut in as_completed(futures):
                     bar.update(1)
                     yield fut.result()

@@ -155,6 +155,13 @@ def profile() -> str:
     return value
 
 
+def use_profile(name: str) -> None:
+    """Set ``PSQA_PROFILE`` for this process and its children (``psqa team up`` means team)."""
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}")
+    os.environ[PSQA_PROFILE.name] = name
+
+
 def team_pg_url() -> str:
     """The team PostgreSQL server URL, without database; refuses an embedded password."""
     from urllib.parse import urlsplit

@@ -42,3 +42,10 @@ class DeidentificationResource(dg.ConfigurableResource):
 
 
 _WARNED: list[bool] = []  # the development-secret warning was shown in this process
+
+
+def dev_secret_warning_shown() -> None:
+    """Record that the console already showed the dev-secret warning (a worker process of a parallel
+    cycle: its parent showed it), so later runs here log it at DEBUG only."""
+    if not _WARNED:
+        _WARNED.append(True)
